@@ -1,0 +1,188 @@
+"""Figures for the book: image grids, forward-process strips, denoising trajectories, schedule plots.
+
+Images are tensors in [-1, 1] shaped [N, C, H, W] (or uint8 [N, H, W, C] as in the OpenAI sample format).
+Every function returns a matplotlib Figure (or an animation) and draws nothing else, so notebooks decide
+what to show and how to caption it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["to_uint8", "image_grid", "show_images", "forward_strip", "TrajectoryRecorder", "trajectory_figure",
+           "trajectory_animation", "schedule_plot", "points_figure", "provenance"]
+
+
+def to_uint8(x: Tensor | np.ndarray) -> np.ndarray:
+    """[-1, 1] tensor [N, C, H, W] -> uint8 array [N, H, W, C] (values rounded as in the OpenAI sampler).
+
+    A uint8 array [N, H, W, C] is returned unchanged.
+    """
+    if isinstance(x, np.ndarray) and x.dtype == np.uint8:
+        if x.ndim != 4:
+            raise ValueError(f"uint8 images must have shape [N, H, W, C], got {x.shape}")
+        return x
+    x = torch.as_tensor(x).detach().float().cpu()
+    if x.ndim != 4:
+        raise ValueError(f"images must have shape [N, C, H, W], got {tuple(x.shape)}")
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: Tensor | np.ndarray, nrow: int | None = None, padding: int = 2,
+               pad_value: int = 255) -> np.ndarray:
+    """Tile N images into one uint8 array [H', W', C] with ``nrow`` images per row (default: a square)."""
+    imgs = to_uint8(images)
+    n, h, w, c = imgs.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), pad_value, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top:top + h, left:left + w] = imgs[i]
+    return grid
+
+
+def _imshow(ax, grid: np.ndarray) -> None:
+    if grid.shape[-1] == 1:
+        ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+
+
+def show_images(images: Tensor | np.ndarray, nrow: int | None = None, title: str | None = None,
+                size: float = 4.0):
+    """A figure with one grid of images."""
+    import matplotlib.pyplot as plt
+
+    grid = image_grid(images, nrow)
+    fig, ax = plt.subplots(figsize=(size, size * grid.shape[0] / grid.shape[1]))
+    _imshow(ax, grid)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def forward_strip(schedule, x0: Tensor, timesteps: Sequence[int], generator: torch.Generator | None = None):
+    """Rows of images x_0 noised to each of ``timesteps`` by q(x_t | x_0), one column per t (0-based)."""
+    import matplotlib.pyplot as plt
+
+    n = x0.shape[0]
+    fig, axes = plt.subplots(1, len(timesteps), figsize=(1.4 * len(timesteps), 1.4 * n + 0.4), squeeze=False)
+    for ax, t in zip(axes[0], timesteps):
+        x_t = schedule.q_sample(x0, torch.full((n,), int(t), dtype=torch.long), generator=generator)
+        _imshow(ax, image_grid(x_t, nrow=1))
+        ax.set_title(f"t = {int(t)}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+class TrajectoryRecorder:
+    """A sampler callback that keeps (t, x_t, predicted x_0) at chosen steps, or at every step.
+
+    ``keep``: number of evenly spaced frames to keep from a run of known length (``total`` steps), or None
+    for all. Tensors are copied to the CPU.
+    """
+
+    def __init__(self, keep: int | None = None, total: int | None = None):
+        self.frames: list[tuple[int, Tensor, Tensor]] = []
+        self._keep = None
+        if keep is not None and total is not None:
+            self._keep = set(np.linspace(0, total - 1, min(keep, total)).round().astype(int).tolist())
+        self._count = 0
+
+    def __call__(self, t: int, x_t: Tensor, pred_x0: Tensor) -> None:
+        if self._keep is None or self._count in self._keep:
+            self.frames.append((int(t), x_t.detach().cpu().clone(), pred_x0.detach().cpu().clone()))
+        self._count += 1
+
+
+def trajectory_figure(frames: Sequence[tuple[int, Tensor, Tensor]], index: int = 0):
+    """Two rows for one sample: x_t (top) and the model's predicted x_0 (bottom) at each recorded step."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(frames), figsize=(1.3 * len(frames), 3.0), squeeze=False)
+    for col, (t, x_t, x0) in enumerate(frames):
+        _imshow(axes[0, col], image_grid(x_t[index:index + 1], padding=0))
+        _imshow(axes[1, col], image_grid(x0[index:index + 1].clamp(-1, 1), padding=0))
+        axes[0, col].set_title(f"t = {t}", fontsize=8)
+    axes[0, 0].text(-0.15, 0.5, "$x_t$", transform=axes[0, 0].transAxes, ha="right", va="center")
+    axes[1, 0].text(-0.15, 0.5, r"$\hat x_0$", transform=axes[1, 0].transAxes, ha="right", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def trajectory_animation(frames: Sequence[tuple[int, Tensor, Tensor]], nrow: int | None = None,
+                         interval: int = 120):
+    """An animation of x_t (left) and predicted x_0 (right) for a batch; ``.to_jshtml()`` embeds it offline."""
+    import matplotlib.pyplot as plt
+    from matplotlib import animation
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(6, 3.2))
+    first = frames[0]
+    im_left = left.imshow(image_grid(first[1], nrow)[..., 0], cmap="gray", vmin=0, vmax=255)
+    im_right = right.imshow(image_grid(first[2].clamp(-1, 1), nrow)[..., 0], cmap="gray", vmin=0, vmax=255)
+    for ax, name in ((left, "$x_t$"), (right, r"predicted $x_0$")):
+        ax.set_axis_off()
+        ax.set_title(name)
+    title = fig.suptitle("")
+
+    def update(i):
+        t, x_t, x0 = frames[i]
+        im_left.set_data(image_grid(x_t, nrow)[..., 0])
+        im_right.set_data(image_grid(x0.clamp(-1, 1), nrow)[..., 0])
+        title.set_text(f"t = {t}")
+        return im_left, im_right, title
+
+    anim = animation.FuncAnimation(fig, update, frames=len(frames), interval=interval, blit=False)
+    plt.close(fig)
+    return anim
+
+
+def schedule_plot(schedules: Mapping[str, "object"]):
+    """alpha_bar_t and log SNR against t / T for named schedules (Nichol & Dhariwal 2021, Fig. 5)."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.3))
+    for name, sched in schedules.items():
+        frac = (np.arange(sched.T) + 1) / sched.T
+        ax1.plot(frac, sched.alpha_bar.numpy(), label=name)
+        ax2.plot(frac, np.log(sched.snr().numpy()), label=name)
+    ax1.set(xlabel="diffusion step t / T", ylabel=r"$\bar\alpha_t$")
+    ax2.set(xlabel="diffusion step t / T", ylabel=r"$\log \mathrm{SNR}(t)$")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def points_figure(panels: Mapping[str, Tensor], lim: float | None = None, size: float = 3.0):
+    """Scatter plots of 2-D point sets side by side, one panel per name."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    for ax, (name, pts) in zip(axes[0], panels.items()):
+        pts = torch.as_tensor(pts).detach().cpu()
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
+        ax.set_title(name, fontsize=10)
+        ax.set_aspect("equal")
+        if lim is not None:
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+    fig.tight_layout()
+    return fig
+
+
+def provenance(trained, *, sampler: str, nfe: int, seed: int) -> str:
+    """The line printed under a figure of samples: the training provenance of ``trained`` (a
+    ``ddpm.checkpoint.TrainedModel``: profile, device, steps, wall time, checkpoint hash) and how the samples
+    were drawn (sampler, number of model evaluations, seed)."""
+    return f"Provenance: {trained.provenance()}; sampler {sampler}, {nfe} model evaluations, seed {seed}."
