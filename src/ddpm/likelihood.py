@@ -5,7 +5,7 @@ For data quantised to 8 bits and scaled to [-1, 1], the bound
 upper-bounds -log p(x_0) of the discrete data. Dividing by the number of dimensions and by log 2 gives
 bits/dim, the unit of Nichol & Dhariwal (2021, Table 1-2). ``nll_bits_per_dim`` sums all T terms exactly;
 ``nll_estimate`` samples K timesteps per example, an unbiased estimate of the same sum with its standard
-error. The book explains both in ``theory/improved-ddpm.md`` and ``theory/evaluation.md``.
+error. The book explains both in ``theory/improved_ddpm.md`` and ``theory/evaluation.md``.
 """
 
 from __future__ import annotations

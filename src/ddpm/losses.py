@@ -8,7 +8,7 @@
   on the mean inside the bound term (their Sec. 3.1).
 * Importance sampling of t for ``L_vlb`` (their Sec. 3.3).
 
-The derivations are in the book: ``theory/ddpm.md`` and ``theory/improved-ddpm.md``.
+The derivations are in the book: ``theory/ddpm.md`` and ``theory/improved_ddpm.md``.
 Model outputs are ``[N, C, ...]`` (eps) or ``[N, 2C, ...]`` (eps and the variance interpolation v in [-1, 1]).
 """
 

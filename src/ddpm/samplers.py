@@ -11,7 +11,7 @@ step, a ``guidance`` hook and ``progress=False``. One reverse step is a visible 
 * DDIM: Song et al. 2021, Eq. 12, with eta = 0 deterministic and eta = 1 matching the ancestral variance.
 * Guidance: ``Guidance.cond_grad`` shifts the ancestral mean (Dhariwal & Nichol 2021, Algorithm 1) and the
   DDIM eps (their Algorithm 2); ``Guidance.model_output`` lets classifier-free guidance combine two passes.
-The book explains each in ``theory/ddpm.md``, ``theory/faster-sampling.md`` and ``theory/guided-diffusion.md``.
+The book explains each in ``theory/ddpm.md``, ``theory/faster_sampling.md`` and ``theory/guided_diffusion.md``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Everything the forward process needs is precomputed once, in float64, and grouped by the
 distribution it serves. The book derives each coefficient in ``theory/ddpm.md`` (forward process and
-posterior) and ``theory/improved-ddpm.md`` (cosine schedule, respacing).
+posterior) and ``theory/improved_ddpm.md`` (cosine schedule, respacing).
 
 Index convention (as in the OpenAI code): timesteps are 0-based, ``t = 0`` is the first noising step
 and ``t = T - 1`` the last. The papers' 1-based step ``t`` is the code's ``t - 1``.

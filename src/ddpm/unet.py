@@ -27,7 +27,7 @@ embedding has ``num_classes + 1`` rows, and ``y=None`` means "no label" for ever
 Timesteps ``t`` are the original 0-based training timesteps (``t = 0`` is the first noising step).
 
 The book derives what these networks are trained to predict in ``theory/ddpm.md`` (eps-prediction),
-``theory/improved-ddpm.md`` (learned variances) and ``theory/guided-diffusion.md`` (AdaGN, class
+``theory/improved_ddpm.md`` (learned variances) and ``theory/guided_diffusion.md`` (AdaGN, class
 conditioning, the null label).
 """
 
