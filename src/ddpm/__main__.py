@@ -1,0 +1,397 @@
+"""Command line: ``python -m ddpm train | sample | nll | evaluate`` (``--help`` on each).
+
+A thin layer over the library: every subcommand parses its arguments, calls the package and prints a short
+report. Bad input (an unknown preset, a missing or corrupt checkpoint, a configuration mismatch, a count that
+is not positive, a class out of range) gives one line on stderr and exit status 2, without a traceback.
+
+Examples::
+
+    python -m ddpm train --preset mnist-cpu --out runs/mnist-cpu
+    python -m ddpm sample --checkpoint runs/mnist-cpu --sampler ddim --steps 50 --n 64 --out grid.png
+    python -m ddpm sample --checkpoint runs/mnist-cpu --sampler ddim --steps 50 --n 1000 --out samples.npz
+    python -m ddpm nll --checkpoint runs/mnist-cpu --n 100 --timesteps 50
+    python -m ddpm evaluate --samples samples.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+PROG = "python -m ddpm"
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        return value
+
+    return parse
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Train, sample from and evaluate diffusion models (DDPM, Improved "
+                     "DDPM, guided diffusion).")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,nll,evaluate}", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a preset; checkpoints are resumable",
+                       description="Train a preset configuration. Ctrl-C saves a resumable checkpoint.")
+    p.add_argument("--preset", required=True, help="toy2d, mnist-cpu, mnist-gpu or cifar10-gpu")
+    p.add_argument("--steps", type=_positive("--steps"), help="override the preset's number of steps")
+    p.add_argument("--out", type=Path, help="checkpoint directory (default: runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--data-root", type=Path, help="torchvision dataset folder (default: $DDPM_DATA or .cache/data)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("sample", help="draw samples into a .png grid or an .npz file",
+                       description="Draw samples with the EMA weights of a checkpoint. A .png output is an image "
+                       "grid; an .npz output follows OpenAI's evaluation format (arr_0 uint8 [N, H, W, C], "
+                       "arr_1 int64 labels for class-conditional samples).")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="ancestral DDPM or DDIM (eta = 0)")
+    p.add_argument("--steps", type=_positive("--steps"), help="sampling steps (default: all T)")
+    p.add_argument("--n", type=_positive("--n"), default=64, help="number of samples (default 64)")
+    p.add_argument("--class", dest="label", type=_nonneg_int, help="class label of every sample")
+    p.add_argument("--guidance-scale", type=_nonneg_float,
+                   help="classifier-free guidance scale w (or the classifier scale with --classifier)")
+    p.add_argument("--classifier", type=Path, help="noise-aware classifier checkpoint for classifier guidance")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=256, help="samples per batch")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--out", required=True, type=Path, help="output file, .png or .npz")
+
+    p = sub.add_parser("nll", help="negative log-likelihood in bits/dim on held-out data",
+                       description="Negative log-likelihood bound in bits/dim of the EMA model on the first N "
+                       "held-out images (unconditional: the null label). Without --timesteps every one of the T "
+                       "terms is computed; with --timesteps K an unbiased estimate from K random timesteps per "
+                       "image is reported with its standard error.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
+    p.add_argument("--n", type=_positive("--n"), default=100, help="number of held-out images (default 100)")
+    p.add_argument("--timesteps", type=_positive("--timesteps"), help="K sampled timesteps per image")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--data-root", type=Path, help="torchvision dataset folder")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+    p = sub.add_parser("evaluate", help="metrics of a sample file",
+                       description="The project's metrics (classifier-feature FID, confidence, class entropy, "
+                       "nearest neighbours) for an .npz sample file.")
+    p.add_argument("--samples", required=True, type=Path, help=".npz file with arr_0 uint8 [N, H, W, C]")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _device(name):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import check_config, read_checkpoint_header
+    from .presets import get_preset
+    from .train import RESUME_FREE_KEYS, Trainer, TrainingDiverged, setup_distributed
+
+    try:
+        config = get_preset(args.preset)
+    except ValueError as exc:
+        raise UsageError(f"{PROG} train: {exc}") from None
+    if args.steps is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, steps=args.steps)
+    out = args.out if args.out is not None else Path("runs") / args.preset
+    exists = (out / "config.json").exists()
+    if args.resume and not exists:
+        raise UsageError(f"--resume: no checkpoint in {out}; drop --resume to start a new run")
+    if not args.resume and exists:
+        raise UsageError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    if args.resume:  # a clear error for a broken or foreign checkpoint before anything is built
+        check_config(out, read_checkpoint_header(out)["config"], config.to_dict(), ignore=RESUME_FREE_KEYS)
+    distributed = setup_distributed()
+    device = _device(args.device) if args.device else None
+    trainer = Trainer(config, out_dir=out, device=device, progress=False if args.no_progress else None,
+                      preset=args.preset, data_root=args.data_root,
+                      callbacks=[_PreviewWriter(out)] if config.preview_every else [])
+    if args.resume:
+        trainer.load()
+        if trainer.is_main:
+            print(f"resuming {out} at step {trainer.step}", flush=True)
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        if trainer.is_main:
+            print(f"interrupted at step {trainer.step}; resumable checkpoint in {out}; continue with: "
+                  f"{PROG} train --preset {args.preset} --out {out} --resume", file=sys.stderr)
+        return 130
+    except TrainingDiverged as exc:
+        print(f"{PROG} train: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if trainer.is_main:
+        h = trainer.history
+        tail = h["loss"][-min(50, len(h["loss"])):]
+        print(f"trained {args.preset} to step {trainer.step} in {trainer.wall_time:.0f} s on {trainer.device_name()}; "
+              f"mean loss of the last {len(tail)} steps {sum(tail) / max(len(tail), 1):.4f}; checkpoint {out}")
+    return 0
+
+
+class _PreviewWriter:
+    """Saves each preview grid as ``<out>.previews/step_<k>.png`` (outside the atomically swapped checkpoint)."""
+
+    def __init__(self, out: Path):
+        self.folder = out.with_name(out.name + ".previews")
+
+    def on_preview(self, trainer, samples):
+        if samples.ndim == 4:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_png_grid(samples, self.folder / f"step_{trainer.step:07d}.png")
+
+
+def save_png_grid(x, path: Path, nrow: int | None = None) -> None:
+    """Write images ``x [N, C, H, W]`` in [-1, 1] as one PNG grid."""
+    import math
+
+    from torchvision.utils import save_image
+
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(x.shape[0]))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image((x.float().clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=2, pad_value=1.0)
+
+
+def to_uint8_nhwc(x):
+    """[-1, 1] float ``[N, C, H, W]`` -> uint8 ``[N, H, W, C]`` numpy, rounding as OpenAI's sampling script."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to("cpu").permute(0, 2, 3, 1).numpy().astype("uint8")
+
+
+def _load(checkpoint, device):
+    from .checkpoint import load_model
+
+    model, config, state = load_model(checkpoint, ema=True, device=device)
+    return model, config, state
+
+
+class _IgnoreLabels:
+    """Calls an unconditional model as ``model(x, t)`` whatever labels the sampler passes (classifier guidance)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x, t, y=None):
+        return self.model(x, t, None)
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from .data import dataset_info
+    from .samplers import sample
+    from .schedule import NoiseSchedule
+
+    suffix = args.out.suffix.lower()
+    if suffix not in (".png", ".npz"):
+        raise UsageError(f"--out must end in .png or .npz, got {args.out}")
+    device = _device(args.device)
+    model, config, _ = _load(args.checkpoint, device)
+    info = dataset_info(config.dataset)
+    if info.kind != "image":
+        raise UsageError(f"{args.checkpoint} is a model of 2-D points; sample it from Python (ddpm.samplers)")
+    schedule = NoiseSchedule.from_name(config.schedule, config.T)
+    if args.steps is not None and args.steps > config.T:
+        raise UsageError(f"--steps must be at most T = {config.T}, got {args.steps}")
+
+    classifier = None
+    if args.classifier is not None:
+        from .guidance import load_classifier
+
+        try:
+            classifier = load_classifier(args.classifier, device=device)
+        except (ValueError, OSError, TypeError) as exc:
+            raise UsageError(f"--classifier: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    # labels come from the model's classes, or from the classifier's for an unconditional model
+    num_classes = config.num_classes
+    if num_classes is None and classifier is not None:
+        num_classes = int(getattr(getattr(classifier, "config", None), "num_classes", 10))
+    if args.label is not None:
+        if num_classes is None:
+            raise UsageError(f"--class needs a class-conditional model or --classifier; {args.checkpoint} is "
+                             "unconditional")
+        if args.label >= num_classes:
+            raise UsageError(f"--class must be in 0..{num_classes - 1}, got {args.label}")
+
+    guidance = None
+    if classifier is not None:
+        from .guidance import ClassifierGuidance
+
+        guidance = ClassifierGuidance(classifier, 1.0 if args.guidance_scale is None else args.guidance_scale)
+        if config.num_classes is None:
+            model = _IgnoreLabels(model)  # the labels are for the classifier only
+    elif args.guidance_scale is not None:
+        if config.num_classes is None:
+            raise UsageError("--guidance-scale without --classifier needs a class-conditional model "
+                             "(classifier-free guidance)")
+        from .guidance import ClassifierFreeGuidance
+
+        guidance = ClassifierFreeGuidance(args.guidance_scale)
+
+    labelled = args.label is not None or guidance is not None
+    generator = torch.Generator(device).manual_seed(args.seed)
+    images, labels = [], []
+    done = 0
+    with torch.no_grad():
+        while done < args.n:
+            b = min(args.batch_size, args.n - done)
+            y = None
+            if labelled:
+                y = (torch.full((b,), args.label, dtype=torch.long) if args.label is not None
+                     else torch.arange(done, done + b) % num_classes).to(device)
+            x = sample(model, schedule, (b, *info.shape), sampler=args.sampler, steps=args.steps, y=y,
+                       generator=generator, guidance=guidance, device=device)
+            images.append(x.cpu())
+            if y is not None:
+                labels.append(y.cpu())
+            done += b
+    x = torch.cat(images)
+    if suffix == ".png":
+        save_png_grid(x, args.out)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"arr_0": to_uint8_nhwc(x)}
+        if labels:
+            arrays["arr_1"] = torch.cat(labels).numpy().astype(np.int64)
+        np.savez(args.out, **arrays)
+    steps = args.steps or config.T
+    what = f"class {args.label}" if args.label is not None else ("classes cycled" if labelled else "unconditional")
+    g = f", guidance scale {guidance.scale}" if guidance is not None else ""
+    print(f"wrote {args.n} samples ({args.sampler}, {steps} steps, {what}{g}, seed {args.seed}) to {args.out}")
+    return 0
+
+
+def cmd_nll(args) -> int:
+    import torch
+
+    from .data import DatasetUnavailable, load_dataset
+    from .likelihood import nll_bits_per_dim, nll_estimate
+    from .schedule import NoiseSchedule
+
+    device = _device(args.device)
+    model, config, _ = _load(args.checkpoint, device)
+    try:
+        x, _ = load_dataset(config.dataset, split="test", root=args.data_root, n=args.n)
+    except DatasetUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    if x.ndim != 4:
+        raise UsageError(f"{args.checkpoint} is a model of 2-D points; bits/dim is defined for images")
+    x = x.to(device)
+    schedule = NoiseSchedule.from_name(config.schedule, config.T)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    var_type = config.resolved_var_type
+    if args.timesteps is None:
+        per_image = nll_bits_per_dim(model, schedule, x, var_type=var_type, generator=generator)
+        mean = per_image.mean().item()
+        stderr = (per_image.std(unbiased=True) / len(per_image) ** 0.5).item() if len(per_image) > 1 else float("nan")
+        how = f"exact sum over all {config.T} timesteps"
+    else:
+        mean, stderr = nll_estimate(model, schedule, x, args.timesteps, var_type=var_type, generator=generator)
+        how = f"estimate from {args.timesteps} random timesteps per image"
+    print(f"NLL {mean:.3f} ± {stderr:.3f} bits/dim on {len(x)} held-out {config.dataset} images ({how})")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+
+    path = args.samples
+    if path.suffix.lower() != ".npz":
+        raise UsageError(f"--samples must be an .npz file, got {path}")
+    if not path.is_file():
+        raise UsageError(f"--samples: {path} not found; write one with: {PROG} sample ... --out {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arr = f["arr_0"]
+    except Exception as exc:
+        raise UsageError(f"--samples: {path} is not a readable .npz with arr_0 ({type(exc).__name__})") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise UsageError(f"--samples: arr_0 must be uint8 [N, H, W, C], got {arr.dtype} {list(arr.shape)}")
+    from .metrics import evaluate_samples, format_report
+
+    print(format_report(evaluate_samples(path)))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "nll": cmd_nll, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 success, 1 training diverged, 2 bad input, 130 interrupted)."""
+    from .checkpoint import CheckpointError
+    from .data import DatasetUnavailable
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except (CheckpointError, DatasetUnavailable) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad values found by the library (e.g. a respacing that does not fit T)
+        print(f"{PROG}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,645 @@
+"""Checkpoints: safetensors weights with a JSON configuration, atomic writes, exact resume, and a cache.
+
+Three layers, from small to large:
+
+* ``save_weights`` / ``load_weights``: one ``.safetensors`` file holding a dict of tensors, with the JSON
+  configuration stored in the file's metadata. Loading never unpickles anything.
+* ``save_training_state`` / ``load_training_state``: a *training checkpoint*, i.e. a directory with
+
+  ========================  ==========================================================================
+  ``config.json``           the ``TrainConfig`` as a dict, the package version and the config hash
+  ``model.safetensors``     raw weights
+  ``ema.safetensors``       exponential moving average of the weights (what samplers use)
+  ``optimizer.safetensors`` optimiser state tensors; ``optimizer.json`` holds the rest of it
+  ``rng.safetensors``       torch CPU and CUDA generator states as uint8 tensors
+  ``state.json``            step, wall time, loss history, Python and NumPy random states, extra state
+  ========================  ==========================================================================
+
+  The directory is written next to its final place and swapped in with ``os.replace``, so a crash while
+  saving leaves the previous checkpoint intact.
+* ``load_or_train``: a trained model for a preset or a ``TrainConfig``, trained only when no cached
+  checkpoint matches the configuration hash (which includes the package version).
+
+Every failure to read a checkpoint (missing, truncated, corrupt, trained with another configuration) raises
+:class:`CheckpointError`, a ``ValueError`` whose one-line message names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "TrainedModel",
+    "cache_dir",
+    "config_hash",
+    "load_model",
+    "load_or_train",
+    "load_training_state",
+    "load_weights",
+    "package_version",
+    "project_root",
+    "save_training_state",
+    "save_weights",
+    "check_config",
+    "read_checkpoint_header",
+]
+
+FORMAT_NAME = "ddpm-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: missing, truncated, corrupt, or made for another configuration."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where things live
+# ---------------------------------------------------------------------------------------------------------
+
+
+def package_version() -> str:
+    """The installed version of the ``ddpm`` package (part of every config hash)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("ddpm")
+    except Exception:  # not installed (e.g. run from a source tree on sys.path)
+        return "0+unknown"
+
+
+def project_root() -> Path:
+    """The folder holding ``pyproject.toml`` above this package (``src/ddpm/..``), else the working directory."""
+    here = Path(__file__).resolve().parent
+    for folder in here.parents:
+        if (folder / "pyproject.toml").is_file():
+            return folder
+    return Path.cwd()
+
+
+def cache_dir() -> Path:
+    """The model cache: ``$DDPM_CACHE`` if set, else ``<project root>/.cache/ddpm``. Not created here."""
+    return _cache_root()
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("DDPM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return project_root() / ".cache" / "ddpm"
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A stable 16-hex-digit hash of a JSON-serialisable config dict and the package version.
+
+    Key order does not matter (the JSON is written with sorted keys); tuples and lists hash alike.
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a dict, got {type(config).__name__}")
+    payload = _canonical_json({"config": config, "ddpm_version": package_version()})
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic file writes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True)
+    _atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+
+
+def _read_json(path: Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} not found; train the model first or pass the right path")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint file {path} is truncated or corrupt ({type(exc).__name__}); delete it and train again"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One safetensors file
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _plain_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise ValueError(f"tensor names must be strings, got {key!r}")
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"tensors[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+        # A private, contiguous CPU copy: safetensors refuses tensors that share memory.
+        out[key] = value.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def save_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
+    """Write ``tensors`` and the JSON ``config`` to one safetensors file, atomically.
+
+    The config is kept in the file's metadata under ``"config"`` (with ``"ddpm_version"`` beside it), so
+    the file describes itself. Returns the path.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    metadata = {
+        "format": FORMAT_NAME,
+        "config": _canonical_json(dict(config)),
+        "ddpm_version": package_version(),
+    }
+    plain = _plain_tensors(tensors)
+    _atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=metadata))
+    return path
+
+
+def _config_diff(found: Mapping[str, Any], expected: Mapping[str, Any], limit: int = 3) -> str:
+    found_n = json.loads(_canonical_json(dict(found)))
+    expected_n = json.loads(_canonical_json(dict(expected)))
+    keys = sorted(set(found_n) | set(expected_n))
+    diffs = [
+        f"{k}: {found_n.get(k, '<missing>')!r} in file, {expected_n.get(k, '<missing>')!r} wanted"
+        for k in keys
+        if found_n.get(k, "<missing>") != expected_n.get(k, "<missing>")
+    ]
+    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
+
+
+def load_weights(
+    path: str | os.PathLike, expected_config: Mapping[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by :func:`save_weights`: returns ``(tensors on CPU, config dict)``.
+
+    Raises :class:`CheckpointError` when the file is missing, truncated or corrupt, or when
+    ``expected_config`` is given and differs from the stored config.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} not found; train the model first or pass the right path")
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+        config = json.loads(metadata["config"])
+    except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+        raise CheckpointError(
+            f"checkpoint file {path} is truncated or corrupt ({type(exc).__name__}); delete it and train again"
+        ) from None
+    if expected_config is not None and _canonical_json(config) != _canonical_json(dict(expected_config)):
+        raise CheckpointError(
+            f"checkpoint file {path} was made with another configuration ({_config_diff(config, expected_config)}); "
+            "use a checkpoint made with this configuration or train a new one"
+        )
+    return tensors, config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimiser and random states without pickle
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _optimizer_to_files(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (``state.<param index>.<name>``) and a JSON part."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, per_param in state_dict["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    groups = []
+    for group in state_dict["param_groups"]:
+        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()})
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    groups = []
+    for group in meta["param_groups"]:
+        groups.append({k: (tuple(v) if k == "betas" else v) for k, v in group.items()})
+    return {"state": state, "param_groups": groups}
+
+
+def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The global random states: torch CPU/CUDA as uint8 tensors, Python and NumPy as JSON-ready values."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda.{i}"] = s
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    meta = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+    }
+    return tensors, meta
+
+
+def restore_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(tensors["torch_cpu"].to(torch.uint8))
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda.")), key=lambda k: int(k[11:]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in cuda])
+    py_version, py_state, py_gauss = meta["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = meta["numpy"]
+    np.random.set_state((np_name, np.asarray(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training checkpoints (directories)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _recover(directory: Path) -> None:
+    """Finish an interrupted swap: if ``directory`` is missing but its previous version was set aside, restore it."""
+    if directory.exists():
+        return
+    olds = sorted(directory.parent.glob(f".{directory.name}.old-*")) if directory.parent.is_dir() else []
+    if olds:
+        os.replace(olds[-1], directory)
+
+
+def save_training_state(
+    directory: str | os.PathLike,
+    *,
+    config: Mapping[str, Any],
+    model: Mapping[str, torch.Tensor],
+    ema: Mapping[str, torch.Tensor],
+    optimizer: Mapping[str, Any],
+    state: Mapping[str, Any],
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+    preset: str | None = None,
+) -> Path:
+    """Write a complete training checkpoint to ``directory``, replacing any previous one atomically.
+
+    ``model`` and ``ema`` are state dicts, ``optimizer`` is ``optimizer.state_dict()``, ``state`` is a
+    JSON-serialisable dict (must hold ``"step"``), ``extra_tensors`` are saved in ``extra.safetensors``
+    (e.g. the importance sampler's loss history). The global random states are captured here.
+    """
+    directory = Path(directory)
+    if "step" not in state:
+        raise ValueError("state must hold 'step'")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _recover(directory)
+    config = dict(config)
+    digest = config_hash(config)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        header = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "ddpm_version": package_version(),
+            "config_hash": digest,
+            "preset": preset,
+            "config": config,
+        }
+        _write_json(tmp / CONFIG_FILE, header)
+        save_weights(tmp / "model.safetensors", model, config)
+        save_weights(tmp / "ema.safetensors", ema, config)
+        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+        save_weights(tmp / "optimizer.safetensors", opt_tensors, config)
+        _write_json(tmp / "optimizer.json", opt_meta)
+        rng_tensors, rng_meta = capture_rng_state()
+        save_weights(tmp / "rng.safetensors", rng_tensors, config)
+        save_weights(tmp / "extra.safetensors", dict(extra_tensors or {}), config)
+        _write_json(tmp / STATE_FILE, {**dict(state), "rng": rng_meta, "config_hash": digest})
+        # Swap: set the old checkpoint aside, move the new one in, then delete the old one.
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{int(time.time() * 1e6):020d}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def read_checkpoint_header(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``config.json`` of a training checkpoint (raises :class:`CheckpointError` when unusable)."""
+    directory = Path(directory)
+    _recover(directory)
+    if not directory.is_dir():
+        if directory.exists():
+            raise CheckpointError(f"checkpoint {directory} is a file, not a checkpoint directory; pass the directory")
+        raise CheckpointError(f"checkpoint {directory} not found; train one with: python -m ddpm train --out {directory}")
+    header = _read_json(directory / CONFIG_FILE)
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME or "config" not in header:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a ddpm checkpoint; pass a directory written by ddpm")
+    return header
+
+
+def check_config(directory: Path, found: Mapping[str, Any], expected: Mapping[str, Any], ignore: Iterable[str] = ()) -> None:
+    """Raise :class:`CheckpointError` when the config ``found`` in ``directory`` differs from ``expected``
+    outside the keys in ``ignore``."""
+    ignore = set(ignore)
+    f = {k: v for k, v in found.items() if k not in ignore}
+    e = {k: v for k, v in expected.items() if k not in ignore}
+    if _canonical_json(f) != _canonical_json(e):
+        raise CheckpointError(
+            f"checkpoint {directory} was trained with another configuration ({_config_diff(f, e)}); "
+            "choose another output directory or train from scratch"
+        )
+
+
+def load_training_state(
+    directory: str | os.PathLike,
+    expected_config: Mapping[str, Any] | None = None,
+    *,
+    ignore_keys: Iterable[str] = (),
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Read a training checkpoint. Returns a dict with ``config``, ``header``, ``model``, ``ema``,
+    ``optimizer`` (a state dict ready for ``load_state_dict``), ``state`` and ``extra``.
+
+    ``expected_config`` (with ``ignore_keys`` left out of the comparison) guards against resuming a
+    different run. With ``restore_rng`` the global random states are set to the saved ones.
+    """
+    directory = Path(directory)
+    header = read_checkpoint_header(directory)
+    config = header["config"]
+    if expected_config is not None:
+        check_config(directory, config, expected_config, ignore_keys)
+    model, _ = load_weights(directory / "model.safetensors")
+    ema, _ = load_weights(directory / "ema.safetensors")
+    opt_tensors, _ = load_weights(directory / "optimizer.safetensors")
+    opt_meta = _read_json(directory / "optimizer.json")
+    rng_tensors, _ = load_weights(directory / "rng.safetensors")
+    extra, _ = load_weights(directory / "extra.safetensors")
+    state = _read_json(directory / STATE_FILE)
+    try:
+        optimizer = _optimizer_from_files(opt_tensors, opt_meta)
+        step = int(state["step"])
+        rng_meta = state.pop("rng")
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {directory} is incomplete or corrupt ({type(exc).__name__}); delete it and train again"
+        ) from None
+    if restore_rng:
+        restore_rng_state(rng_tensors, rng_meta)
+    state["step"] = step
+    return {
+        "config": config,
+        "header": header,
+        "model": model,
+        "ema": ema,
+        "optimizer": optimizer,
+        "state": state,
+        "extra": extra,
+    }
+
+
+def load_model(directory: str | os.PathLike, *, ema: bool = True, device: str | torch.device | None = None):
+    """Rebuild the network of a training checkpoint: returns ``(model in eval mode, TrainConfig, state dict)``.
+
+    ``ema=True`` loads the exponential moving average of the weights (what sampling should use).
+    """
+    from .train import TrainConfig, build_model
+
+    directory = Path(directory)
+    header = read_checkpoint_header(directory)
+    try:
+        config = TrainConfig.from_dict(header["config"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {directory} holds an unusable configuration: {exc}") from None
+    weights, _ = load_weights(directory / ("ema.safetensors" if ema else "model.safetensors"))
+    model = build_model(config)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {directory} does not fit its configured network ({first}); train it again") from None
+    model.eval()
+    if device is not None:
+        model.to(device)
+    state = _read_json(directory / STATE_FILE)
+    state.pop("rng", None)
+    return model, config, state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# load_or_train
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A trained model as notebooks use it.
+
+    ``model``: the EMA network in eval mode (use it for sampling); ``raw_model``: the raw weights;
+    ``schedule``: the training ``NoiseSchedule``; ``config``: the ``TrainConfig``; ``history``: losses
+    (see ``ddpm.train.Trainer.history``); ``info``: provenance (profile, device, steps, wall time in
+    seconds, checkpoint hash, preset name, parameter count, checkpoint path); ``previews``: the samples
+    drawn during training, ``[(step, images [16, C, H, W] in [-1, 1])]``.
+    """
+
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    schedule: Any
+    config: Any
+    history: dict
+    info: dict
+    path: Path | None = None
+    previews: list = dataclasses.field(default_factory=list)
+
+    def provenance(self) -> str:
+        """One line for the caption under a figure of samples."""
+        i = self.info
+        minutes = i.get("wall_time_s", float("nan")) / 60.0
+        return (
+            f"preset {i.get('preset')}, profile {i.get('profile')}, trained on {i.get('device')} for "
+            f"{i.get('steps')} steps ({minutes:.1f} min), checkpoint {i.get('checkpoint_hash')}"
+        )
+
+
+def _resolve_config(preset_or_config):
+    from .presets import get_preset
+    from .train import TrainConfig
+
+    if isinstance(preset_or_config, str):
+        return preset_or_config, get_preset(preset_or_config)
+    if isinstance(preset_or_config, TrainConfig):
+        return preset_or_config.name, preset_or_config
+    if isinstance(preset_or_config, Mapping):
+        config = TrainConfig.from_dict(dict(preset_or_config))
+        return config.name, config
+    raise ValueError(
+        f"preset_or_config must be a preset name, a TrainConfig or a dict, got {type(preset_or_config).__name__}"
+    )
+
+
+def load_or_train(
+    preset_or_config,
+    *,
+    steps: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    callbacks: Iterable[Any] = (),
+    device: str | torch.device | None = None,
+) -> TrainedModel:
+    """A trained model for a preset name, ``TrainConfig`` or config dict; trains only on a cache miss.
+
+    The checkpoint lives in ``<cache>/<name>-<config hash>/`` where the cache is ``cache_dir``, else
+    ``$DDPM_CACHE``, else ``<project root>/.cache/ddpm``; the hash covers the whole configuration and the
+    package version, so any change trains a new model and a rebuild reuses the old one. A run that was
+    interrupted (Ctrl-C) is resumed exactly. ``steps`` overrides the configuration's number of steps.
+    The global random generators (torch, Python, NumPy) are left as they were found, so a notebook draws the
+    same numbers afterwards whether the model was cached or trained.
+    """
+    from .train import Trainer
+
+    name, config = _resolve_config(preset_or_config)
+    if steps is not None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        config = dataclasses.replace(config, steps=steps)
+    config.validate()
+    root = Path(cache_dir) if cache_dir is not None else _cache_root()
+    digest = config_hash(config.to_dict())
+    directory = root / f"{name}-{digest}"
+    _recover(directory)
+
+    # Building and training a network draws from the global random generators; put them back afterwards so that
+    # a notebook behaves the same whether its model came from the cache or was just trained.
+    rng_tensors, rng_meta = capture_rng_state()
+    try:
+        if (directory / CONFIG_FILE).exists():
+            try:
+                cached = _finished_model(directory, config, name, digest, device)
+            except CheckpointError:
+                cached = None  # an unusable entry (e.g. a truncated file) is trained again below
+            if cached is not None:
+                return cached
+        trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress, preset=name)
+        if (directory / CONFIG_FILE).exists():
+            try:
+                trainer.load(directory)  # an interrupted run: resume it exactly
+            except CheckpointError:
+                trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress,
+                                  preset=name)
+        trainer.fit()
+        return trainer.trained_model(digest)
+    finally:
+        restore_rng_state(rng_tensors, rng_meta)
+
+
+def _finished_model(directory: Path, config, name: str, digest: str, device) -> TrainedModel | None:
+    """The cached model of a finished run in ``directory`` (None when the run stopped early)."""
+    import torch
+
+    from .presets import profile
+    from .schedule import NoiseSchedule
+    from .train import build_model
+    from .unet import count_parameters
+
+    header = read_checkpoint_header(directory)
+    check_config(directory, header["config"], config.to_dict())
+    state = _read_json(directory / STATE_FILE)
+    if int(state.get("step", -1)) < config.steps:
+        return None
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = []
+    for file in ("ema.safetensors", "model.safetensors"):
+        weights, _ = load_weights(directory / file)
+        model = build_model(config)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{directory / file} does not fit its network ({str(exc).splitlines()[0]})") from None
+        models.append(model.to(device).eval())
+    info = {
+        "preset": name,
+        "profile": profile(),
+        "device": state.get("device"),
+        "steps": int(state["step"]),
+        "wall_time_s": float(state.get("wall_time_s", float("nan"))),
+        "checkpoint_hash": digest,
+        "parameters": count_parameters(models[0]),
+        "dataset": config.dataset,
+        "batch_size": config.batch_size,
+        "ddpm_version": header.get("ddpm_version"),
+        "path": str(directory),
+    }
+    extra, _ = load_weights(directory / "extra.safetensors")
+    return TrainedModel(model=models[0], raw_model=models[1], schedule=NoiseSchedule.from_name(config.schedule, config.T),
+                        config=config, history=state.get("history", {}), info=info, path=directory,
+                        previews=previews_from_extra(extra))
+
+
+def previews_from_extra(extra: Mapping[str, Any]) -> list:
+    """The preview samples kept in a checkpoint's extra tensors (``preview/<step>``), as [(step, images)] by step."""
+    found = [(int(key.split("/", 1)[1]), images) for key, images in extra.items() if key.startswith("preview/")]
+    return sorted(found, key=lambda item: item[0])

@@ -1,0 +1,219 @@
+"""The command line ``python -m ddpm``: help, train/resume, sample (.png and .npz), nll, evaluate, bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm.__main__ as cli
+from ddpm.checkpoint import load_training_state
+from ddpm.train import TrainConfig, Trainer
+
+torch.set_num_threads(1)
+
+TINY_UNET = dict(image_size=28, in_channels=1, model_channels=8, channel_mult=[1, 2], num_res_blocks=1,
+                 attention_resolutions=[], num_heads=1, dropout=0.0, num_classes=10, learn_sigma=True)
+
+
+@pytest.fixture(scope="module")
+def image_ckpt(tmp_path_factory):
+    """A class-conditional, learned-variance tiny U-Net checkpoint (2 steps of training)."""
+    from ddpm.data import load_dataset
+
+    x, y = load_dataset("mnist5k", split="test")
+    config = TrainConfig(name="cli-tiny", model=TINY_UNET, dataset="mnist5k", schedule="cosine", T=20,
+                         loss_type="hybrid", batch_size=8, steps=2, label_dropout=0.1)
+    out = tmp_path_factory.mktemp("ck") / "run"
+    Trainer(config, out_dir=out, data=(x, y), progress=False).fit()
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy") / "toy2d"
+    assert cli.main(["train", "--preset", "toy2d", "--steps", "3", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_usage_error(capsys, *argv, match):
+    code, out, err = run(capsys, *argv)
+    assert code == 2, (code, out, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert match in err, err
+    return err
+
+
+def test_help_of_every_subcommand(capsys):
+    for sub in ([], ["train"], ["sample"], ["nll"], ["evaluate"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(sub + ["--help"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: python -m ddpm")
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--checkpoint", "--sampler", "--steps", "--n", "--class", "--guidance-scale", "--classifier",
+                   "--seed", "--out"):
+        assert option in text
+
+
+def test_module_entry_point_runs():
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "ddpm", "nll", "--checkpoint", "/nonexistent/run"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_writes_a_checkpoint_and_resumes(tmp_path, capsys, toy_ckpt):
+    assert load_training_state(toy_ckpt)["state"]["step"] == 3
+    code, out, err = run(capsys, "train", "--preset", "toy2d", "--steps", "5", "--out", toy_ckpt, "--resume",
+                         "--no-progress")
+    assert code == 0 and "resuming" in out and "to step 5" in out and err == ""
+    assert load_training_state(toy_ckpt)["state"]["step"] == 5
+
+
+def test_train_refuses_bad_input(tmp_path, capsys, toy_ckpt):
+    assert_usage_error(capsys, "train", "--preset", "mnist", match="unknown preset 'mnist'; valid presets are toy2d")
+    assert_usage_error(capsys, "train", "--preset", "toy2d", "--steps", "0", match="--steps must be a positive integer")
+    assert_usage_error(capsys, "train", "--preset", "toy2d", "--steps", "-4", match="--steps must be a positive integer")
+    assert_usage_error(capsys, "train", "--preset", "toy2d", "--steps", "many", match="--steps must be a positive")
+    assert_usage_error(capsys, "train", "--preset", "toy2d", "--out", tmp_path / "none", "--resume",
+                       match="no checkpoint in")
+    assert_usage_error(capsys, "train", "--preset", "toy2d", "--out", toy_ckpt, match="pass --resume to continue")
+    assert_usage_error(capsys, "train", "--preset", "mnist-cpu", "--out", toy_ckpt, "--resume",
+                       match="was trained with another configuration")
+    assert_usage_error(capsys, "train", match="the following arguments are required: --preset")
+    assert_usage_error(capsys, "fly", match="invalid choice: 'fly'")
+
+
+def test_sample_png_and_npz(tmp_path, capsys, image_ckpt):
+    code, out, _ = run(capsys, "sample", "--checkpoint", image_ckpt, "--sampler", "ddim", "--steps", "4", "--n", "5",
+                       "--out", tmp_path / "grid.png")
+    assert code == 0 and "wrote 5 samples" in out
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.size == (3 * 30 + 2, 2 * 30 + 2)  # 3 columns x 2 rows of 28 px with 2 px padding
+
+    code, out, _ = run(capsys, "sample", "--checkpoint", image_ckpt, "--sampler", "ddpm", "--steps", "3", "--n", "6",
+                       "--class", "7", "--seed", "1", "--batch-size", "4", "--out", tmp_path / "s.npz")
+    assert code == 0
+    with np.load(tmp_path / "s.npz") as f:
+        assert sorted(f.files) == ["arr_0", "arr_1"]
+        assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (6, 28, 28, 1)
+        assert f["arr_1"].dtype == np.int64 and f["arr_1"].tolist() == [7] * 6
+        first = f["arr_0"]
+    run(capsys, "sample", "--checkpoint", image_ckpt, "--sampler", "ddpm", "--steps", "3", "--n", "6", "--class", "7",
+        "--seed", "1", "--batch-size", "4", "--out", tmp_path / "again.npz")
+    with np.load(tmp_path / "again.npz") as f:
+        assert np.array_equal(f["arr_0"], first)  # the seed fixes the samples
+
+    code, out, _ = run(capsys, "sample", "--checkpoint", image_ckpt, "--steps", "2", "--n", "12",
+                       "--guidance-scale", "2", "--out", tmp_path / "cfg.npz")
+    assert code == 0 and "guidance scale 2.0" in out
+    with np.load(tmp_path / "cfg.npz") as f:
+        assert f["arr_1"].tolist() == [i % 10 for i in range(12)]
+
+    code, out, _ = run(capsys, "sample", "--checkpoint", image_ckpt, "--steps", "2", "--n", "3",
+                       "--out", tmp_path / "uncond.npz")
+    with np.load(tmp_path / "uncond.npz") as f:
+        assert f.files == ["arr_0"]  # unconditional samples carry no labels
+
+
+def test_to_uint8_matches_the_evaluation_format():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.2]).view(1, 1, 1, 6)
+    assert cli.to_uint8_nhwc(x).reshape(-1).tolist() == [0, 0, 128, 191, 255, 255]
+    assert cli.to_uint8_nhwc(torch.zeros(2, 3, 4, 5)).shape == (2, 4, 5, 3)
+
+
+def test_sample_refuses_bad_input(tmp_path, capsys, image_ckpt, toy_ckpt):
+    base = ["sample", "--checkpoint", image_ckpt, "--steps", "2"]
+    assert_usage_error(capsys, *base, "--n", "0", "--out", tmp_path / "a.png", match="--n must be a positive integer")
+    assert_usage_error(capsys, *base, "--n", "-2", "--out", tmp_path / "a.png", match="--n must be a positive integer")
+    assert_usage_error(capsys, "sample", "--checkpoint", image_ckpt, "--steps", "0", "--out", tmp_path / "a.png",
+                       match="--steps must be a positive integer")
+    assert_usage_error(capsys, "sample", "--checkpoint", image_ckpt, "--steps", "21", "--out", tmp_path / "a.png",
+                       match="--steps must be at most T = 20")
+    assert_usage_error(capsys, *base, "--class", "10", "--out", tmp_path / "a.png", match="--class must be in 0..9")
+    assert_usage_error(capsys, *base, "--class", "-1", "--out", tmp_path / "a.png", match="must be an integer >= 0")
+    assert_usage_error(capsys, *base, "--guidance-scale", "-1", "--out", tmp_path / "a.png",
+                       match="must be a finite number >= 0")
+    assert_usage_error(capsys, *base, "--out", tmp_path / "a.jpg", match="--out must end in .png or .npz")
+    assert_usage_error(capsys, *base, "--sampler", "euler", "--out", tmp_path / "a.png", match="invalid choice: 'euler'")
+    assert_usage_error(capsys, "sample", "--checkpoint", tmp_path / "missing", "--out", tmp_path / "a.png",
+                       match="not found")
+    assert_usage_error(capsys, "sample", "--checkpoint", toy_ckpt, "--out", tmp_path / "a.png",
+                       match="model of 2-D points")
+    assert not list(tmp_path.iterdir())
+
+
+def test_corrupt_and_foreign_checkpoints_are_one_line(tmp_path, capsys, image_ckpt):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(image_ckpt, broken)
+    data = (broken / "ema.safetensors").read_bytes()
+    (broken / "ema.safetensors").write_bytes(data[: len(data) // 3])
+    assert_usage_error(capsys, "sample", "--checkpoint", broken, "--n", "1", "--out", tmp_path / "a.png",
+                       match="truncated or corrupt")
+    assert_usage_error(capsys, "nll", "--checkpoint", broken, match="truncated or corrupt")
+    (broken / "config.json").write_text("{not json")
+    assert_usage_error(capsys, "nll", "--checkpoint", broken, match="truncated or corrupt")
+
+
+def test_nll(capsys, image_ckpt):
+    code, out, err = run(capsys, "nll", "--checkpoint", image_ckpt, "--n", "3", "--timesteps", "2")
+    assert code == 0 and err == ""
+    assert "bits/dim on 3 held-out mnist5k images (estimate from 2 random timesteps per image)" in out
+    mean = float(out.split()[1])
+    assert 0 < mean < 100
+    code, out, _ = run(capsys, "nll", "--checkpoint", image_ckpt, "--n", "2")
+    assert code == 0 and "exact sum over all 20 timesteps" in out
+    assert_usage_error(capsys, "nll", "--checkpoint", image_ckpt, "--n", "0", match="--n must be a positive integer")
+    assert_usage_error(capsys, "nll", "--checkpoint", image_ckpt, "--timesteps", "0",
+                       match="--timesteps must be a positive integer")
+
+
+def test_evaluate(tmp_path, capsys, monkeypatch):
+    import ddpm.metrics as metrics
+
+    path = tmp_path / "s.npz"
+    np.savez(path, arr_0=np.zeros((4, 28, 28, 1), np.uint8), arr_1=np.arange(4))
+    seen = []
+    monkeypatch.setattr(metrics, "evaluate_samples", lambda p: seen.append(Path(p)) or {"fid": 1.5})
+    monkeypatch.setattr(metrics, "format_report", lambda d: f"report fid={d['fid']}")
+    code, out, _ = run(capsys, "evaluate", "--samples", path)
+    assert code == 0 and out.strip() == "report fid=1.5" and seen == [path]
+
+    assert_usage_error(capsys, "evaluate", "--samples", tmp_path / "none.npz", match="not found")
+    assert_usage_error(capsys, "evaluate", "--samples", tmp_path / "x.png", match="must be an .npz file")
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    assert_usage_error(capsys, "evaluate", "--samples", tmp_path / "bad.npz", match="not a readable .npz")
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 28, 28, 1), np.float32))
+    assert_usage_error(capsys, "evaluate", "--samples", tmp_path / "float.npz", match="arr_0 must be uint8")
+
+
+def test_train_without_the_dataset_is_one_line(tmp_path, capsys, monkeypatch):
+    from urllib.error import URLError
+
+    from torchvision.datasets import MNIST
+
+    def offline(self):
+        raise URLError("no network")
+
+    monkeypatch.setattr(MNIST, "download", offline)
+    err = assert_usage_error(capsys, "train", "--preset", "mnist-gpu", "--out", tmp_path / "run", "--data-root",
+                             tmp_path / "data", match="use the offline dataset 'mnist5k'")
+    assert "no network" in err and not (tmp_path / "run").exists()

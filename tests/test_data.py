@@ -1,0 +1,176 @@
+"""Datasets: the offline digits, toy sets, the torchvision path on small files written here, augmentation."""
+
+import hashlib
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm import data
+from ddpm.data import DatasetUnavailable, augment, dataset_info, load_dataset
+
+
+def test_mnist5k_splits_are_fixed_balanced_and_disjoint():
+    x_all, y_all = load_dataset("mnist5k", split="all")
+    x_tr, y_tr = load_dataset("mnist5k")
+    x_te, y_te = load_dataset("mnist5k", split="test")
+    assert x_all.shape == (5000, 1, 28, 28) and x_tr.shape == (4500, 1, 28, 28) and x_te.shape == (500, 1, 28, 28)
+    assert x_all.dtype == torch.float32 and y_all.dtype == torch.int64
+    assert torch.bincount(y_te).tolist() == [50] * 10 and torch.bincount(y_tr).tolist() == [450] * 10
+    assert x_all.min() == -1.0 and x_all.max() == 1.0
+    # pixels are p / 127.5 - 1 for integers p in 0..255
+    p = (x_all + 1) * 127.5
+    assert torch.allclose(p, p.round(), atol=1e-4)
+    # the test split is the last 50 digits of every class, in order
+    for c in range(10):
+        members = x_all[y_all == c]
+        assert torch.equal(x_te[y_te == c], members[-50:])
+        assert torch.equal(x_tr[y_tr == c], members[:-50])
+    assert torch.equal(load_dataset("mnist5k", split="test", n=7)[0], x_te[:7])
+
+
+@pytest.mark.parametrize("name", ["swiss_roll", "moons", "gaussian_mixture"])
+def test_toy_sets_are_seeded_and_inside_the_unit_square(name):
+    x, y = load_dataset(name, n=2000, seed=5)
+    again, _ = load_dataset(name, n=2000, seed=5)
+    other, _ = load_dataset(name, n=2000, seed=6)
+    test, _ = load_dataset(name, split="test", n=2000, seed=5)
+    assert x.shape == (2000, 2) and x.dtype == torch.float32 and y.shape == (2000,) and y.dtype == torch.int64
+    assert torch.equal(x, again) and not torch.equal(x, other) and not torch.equal(x, test)
+    assert x.abs().max() <= 1.0 and x.std() > 0.2  # spread over the square, not a point
+    info = dataset_info(name)
+    if info.num_classes is not None:
+        assert set(y.unique().tolist()) == set(range(info.num_classes))
+
+
+def test_gaussian_mixture_components_sit_on_their_circle():
+    x, y = load_dataset("gaussian_mixture", n=4000, seed=0)
+    for k in range(8):
+        centre = x[y == k].mean(0)
+        angle = 2 * np.pi * k / 8
+        assert torch.allclose(centre, torch.tensor([0.7 * np.cos(angle), 0.7 * np.sin(angle)], dtype=torch.float32),
+                              atol=0.01)
+
+
+def test_bad_names_and_arguments():
+    with pytest.raises(ValueError, match="dataset must be one of mnist5k, mnist, fashion-mnist, cifar10"):
+        load_dataset("imagenet")
+    with pytest.raises(ValueError, match="split must be one of train, test, all"):
+        load_dataset("mnist5k", split="valid")
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        load_dataset("moons", n=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torchvision datasets from files written here (no network)
+
+
+def _write_idx(path, array: np.ndarray):
+    """IDX format: 0, 0, type 0x08 (ubyte), number of dimensions, big-endian sizes, then the bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_mnist(root, folder, n_train=12, n_test=5, seed=0):
+    rng = np.random.default_rng(seed)
+    raw = root / folder / "raw"
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        arrays[prefix] = (images, labels)
+    return arrays
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_torchvision_mnist_from_local_idx_files(tmp_path, name, folder):
+    arrays = _fake_mnist(tmp_path, folder)
+    x, y = load_dataset(name, root=tmp_path, download=False)
+    images, labels = arrays["train"]
+    assert x.shape == (12, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(x, torch.from_numpy(images).float()[:, None] / 127.5 - 1)
+    assert torch.equal(y, torch.from_numpy(labels).long())
+    x_te, y_te = load_dataset(name, split="test", root=tmp_path, download=False)
+    assert torch.equal(y_te, torch.from_numpy(arrays["t10k"][1]).long())
+    x_all, _ = load_dataset(name, split="all", root=tmp_path, download=False)
+    assert len(x_all) == 17
+    monkey_env = load_dataset(name, root=tmp_path, download=False, n=3)[0]
+    assert torch.equal(monkey_env, x[:3])
+
+
+def test_torchvision_cifar10_from_local_batches(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / CIFAR10.base_folder
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    written = {}
+
+    def dump(name, obj):
+        (folder / name).write_bytes(pickle.dumps(obj))
+        written[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        pixels = rng.integers(0, 256, (3, 3 * 32 * 32), dtype=np.uint8)  # rows: R plane, G plane, B plane
+        labels = rng.integers(0, 10, 3).tolist()
+        dump(name, {"data": pixels, "labels": labels})
+        batches[name] = (pixels, labels)
+    dump("batches.meta", {"label_names": [f"class{i}" for i in range(10)]})
+    # the class checks the files' MD5 sums: give it the sums of the files written here
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", written[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", written["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": written["batches.meta"]})
+
+    x, y = load_dataset("cifar10", root=tmp_path, download=False)
+    assert x.shape == (15, 3, 32, 32) and y.shape == (15,)
+    first = torch.from_numpy(batches["data_batch_1"][0][0].reshape(3, 32, 32)).float() / 127.5 - 1
+    assert torch.equal(x[0], first)  # channels first, in [-1, 1]
+    assert y[:3].tolist() == batches["data_batch_1"][1]
+    x_te, y_te = load_dataset("cifar10", split="test", root=tmp_path, download=False)
+    assert x_te.shape == (3, 3, 32, 32) and y_te.tolist() == batches["test_batch"][1]
+
+
+def test_missing_dataset_without_download_names_the_offline_choice(tmp_path):
+    with pytest.raises(DatasetUnavailable) as err:
+        load_dataset("mnist", root=tmp_path, download=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "'mnist5k'" in msg and str(tmp_path) in msg and "download disabled" in msg
+
+
+def test_failed_download_is_one_line(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    from torchvision.datasets import FashionMNIST
+
+    def offline(self):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(FashionMNIST, "download", offline)
+    with pytest.raises(DatasetUnavailable, match=r"cannot be downloaded \(.*name resolution.*\); .* use the offline "
+                                                 r"dataset 'mnist5k'"):
+        load_dataset("fashion-mnist", root=tmp_path)
+
+
+def test_default_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("DDPM_DATA", str(tmp_path))
+    assert data.data_root() == tmp_path
+    monkeypatch.delenv("DDPM_DATA")
+    assert data.data_root().parts[-2:] == (".cache", "data")
+
+
+def test_only_cifar10_is_flipped():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2 * 1, 3, 4, 4).repeat(16, 1, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    for name in ("mnist5k", "mnist", "fashion-mnist"):
+        assert augment(name, x[:, :1], g) is x[:, :1] or torch.equal(augment(name, x[:, :1], g), x[:, :1])
+    out = augment("cifar10", x, torch.Generator().manual_seed(0))
+    flipped = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x)])
+    unchanged = torch.tensor([torch.equal(o, i) for o, i in zip(out, x)])
+    assert (flipped | unchanged).all() and flipped.any() and unchanged.any()
+    assert torch.equal(out, augment("cifar10", x, torch.Generator().manual_seed(0)))  # seeded
