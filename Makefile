@@ -8,6 +8,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 JB     := $(VENV)/bin/jupyter-book
 STAMP  := $(VENV)/.installed
+# No progress bars in test logs or on the book's pages.
+export DDPM_PROGRESS = 0
 
 install: $(STAMP)
 
