@@ -133,9 +133,11 @@ def test_sample_png_and_npz(tmp_path, capsys, image_ckpt):
 
 
 def test_to_uint8_matches_the_evaluation_format():
+    from ddpm.plotting import to_uint8  # what `sample --out FILE.npz` writes
+
     x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.2]).view(1, 1, 1, 6)
-    assert cli.to_uint8_nhwc(x).reshape(-1).tolist() == [0, 0, 128, 191, 255, 255]
-    assert cli.to_uint8_nhwc(torch.zeros(2, 3, 4, 5)).shape == (2, 4, 5, 3)
+    assert to_uint8(x).reshape(-1).tolist() == [0, 0, 128, 191, 255, 255]
+    assert to_uint8(torch.zeros(2, 3, 4, 5)).shape == (2, 4, 5, 3)
 
 
 def test_sample_refuses_bad_input(tmp_path, capsys, image_ckpt, toy_ckpt):

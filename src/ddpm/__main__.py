@@ -209,11 +209,6 @@ def save_png_grid(x, path: Path, nrow: int | None = None) -> None:
     save_image((x.float().clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=2, pad_value=1.0)
 
 
-def to_uint8_nhwc(x):
-    """[-1, 1] float ``[N, C, H, W]`` -> uint8 ``[N, H, W, C]`` numpy, rounding as OpenAI's sampling script."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to("cpu").permute(0, 2, 3, 1).numpy().astype("uint8")
-
-
 def _load(checkpoint, device):
     from .checkpoint import load_model
 
@@ -307,7 +302,9 @@ def cmd_sample(args) -> int:
         save_png_grid(x, args.out)
     else:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"arr_0": to_uint8_nhwc(x)}
+        from .plotting import to_uint8
+
+        arrays = {"arr_0": to_uint8(x)}
         if labels:
             arrays["arr_1"] = torch.cat(labels).numpy().astype(np.int64)
         np.savez(args.out, **arrays)

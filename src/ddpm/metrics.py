@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .plotting import to_uint8  # noqa: F401  (re-exported: samples as the OpenAI .npz layout)
+
 NOT_COMPARABLE = (
     "FID and the Inception-Score analogue are measured in the feature space of the project's own MNIST "
     "classifier; they are not comparable with published Inception-v3 FIDs or Inception Scores."
@@ -62,12 +64,6 @@ def as_model_images(x) -> torch.Tensor:
     if not x.is_floating_point():
         raise ValueError(f"images: dtype must be uint8 [N,H,W,C] or floating [N,C,H,W], got {x.dtype}")
     return x.float()
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Float ``[N, C, H, W]`` in ``[-1, 1]`` -> uint8 numpy ``[N, H, W, C]`` (the OpenAI ``.npz`` layout)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def load_samples(npz_path) -> tuple[torch.Tensor, torch.Tensor | None]:
