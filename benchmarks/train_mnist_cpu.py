@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ddpm.__main__ import save_png_grid, to_uint8_nhwc
+from ddpm.__main__ import save_png_grid
+from ddpm.plotting import to_uint8
 from ddpm.checkpoint import load_or_train
 from ddpm.samplers import ddim_sample
 
@@ -67,7 +68,7 @@ def main() -> None:
     if args.npz:
         import numpy as np
 
-        np.savez(RESULTS / "mnist_cpu_samples.npz", arr_0=to_uint8_nhwc(samples), arr_1=labels.numpy())
+        np.savez(RESULTS / "mnist_cpu_samples.npz", arr_0=to_uint8(samples), arr_1=labels.numpy())
 
     report = {
         "preset": info["preset"],
