@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, randn_like
 
 __all__ = [
     "VAR_TYPES", "LOSS_TYPES", "mean_flat", "normal_kl", "discretized_gaussian_log_likelihood",
@@ -168,8 +168,7 @@ def training_losses(model, schedule: NoiseSchedule, x0: Tensor, t: Tensor, *, y:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device if generator is None
-                            else generator.device, dtype=x0.dtype).to(x0.device)
+        noise = randn_like(x0, generator)
     x_t = schedule.q_sample(x0, t, noise)
     model_output = model(x_t, schedule.timestep_map.to(t.device)[t], y)
     eps, v = split_output(model_output, x_t)
