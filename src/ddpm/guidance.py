@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .samplers import Guidance
-from .unet import timestep_embedding
+from .unet import group_norm, timestep_embedding
 
 __all__ = [
     "ClassifierFreeGuidance",
@@ -171,18 +171,14 @@ class NoiseAwareClassifierConfig:
         return d
 
 
-def _groups(channels: int) -> int:
-    return max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
-
-
 class _TimeBlock(nn.Module):
     """Residual block: GroupNorm-SiLU-conv, add the projected time embedding, GroupNorm-SiLU-dropout-conv."""
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(_groups(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2, self.conv2 = nn.GroupNorm(_groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -214,7 +210,7 @@ class NoiseAwareClassifier(nn.Module):
             blocks.append(_TimeBlock(c_prev, c, e, config.dropout))
             c_prev = c
         self.blocks = nn.ModuleList(blocks)
-        self.norm = nn.GroupNorm(_groups(c_prev), c_prev)
+        self.norm = group_norm(c_prev)
         self.head = nn.Linear(c_prev, config.num_classes)
 
     @property
