@@ -31,6 +31,19 @@ def test_mnist5k_splits_are_fixed_balanced_and_disjoint():
     assert torch.equal(load_dataset("mnist5k", split="test", n=7)[0], x_te[:7])
 
 
+def test_mnist5k_14_is_the_same_digits_pooled_to_8_bit_levels():
+    x, y = load_dataset("mnist5k-14", split="all")
+    x28, y28 = load_dataset("mnist5k", split="all")
+    assert x.shape == (5000, 1, 14, 14) and torch.equal(y, y28)
+    p = (x.double() + 1) * 127.5  # integer levels 0..255, so the discretised decoder still applies
+    assert torch.allclose(p, p.round(), atol=1e-4) and p.min() >= 0 and p.max() <= 255
+    # each pixel is the mean of its 2x2 block of the 28x28 digit, rounded to the nearest level
+    block_mean = (x28.double() + 1).mul(127.5).unfold(2, 2, 2).unfold(3, 2, 2).mean((-1, -2))
+    assert (p - block_mean).abs().max() <= 0.5 + 1e-3  # float32 storage
+    x_te, y_te = load_dataset("mnist5k-14", split="test")
+    assert x_te.shape == (500, 1, 14, 14) and torch.equal(y_te, load_dataset("mnist5k", split="test")[1])
+
+
 @pytest.mark.parametrize("name", ["swiss_roll", "moons", "gaussian_mixture"])
 def test_toy_sets_are_seeded_and_inside_the_unit_square(name):
     x, y = load_dataset(name, n=2000, seed=5)

