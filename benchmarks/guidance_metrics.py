@@ -42,17 +42,6 @@ from ddpm.samplers import ddim_sample
 from ddpm.schedule import NoiseSchedule
 
 
-class NullLabel(torch.nn.Module):
-    """The class-conditional network queried with the null label: an unconditional model for classifier guidance."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.config = model, model.config
-
-    def forward(self, x, t, y=None):
-        return self.model(x, t, None)
-
-
 def cached_model_ready(preset: str) -> Path | None:
     """The cache folder of a finished training run of ``preset``, or None while it is missing or unfinished."""
     config = get_preset(preset)
@@ -183,7 +172,7 @@ def main(argv=None) -> int:
             if kind == "classifier-free":
                 net, guidance = model, ClassifierFreeGuidance(scale)
             else:
-                net, guidance = NullLabel(model), ClassifierGuidance(noise_clf, scale)
+                net, guidance = model, ClassifierGuidance(noise_clf, scale)
             xs = generate(net, schedule, args.sweep_n, steps=args.steps, batch_size=args.batch_size, labels=labels,
                           guidance=guidance, seed=3)
             row = sweep_row(kind, scale, xs, labels, metric_clf, reference, noise_clf, args.draws)

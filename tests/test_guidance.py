@@ -114,6 +114,20 @@ def test_larger_classifier_scale_raises_log_prob_of_requested_class(schedule, sa
     assert mean_log_probs[2] > math.log(0.9)
 
 
+def test_classifier_guidance_queries_the_model_without_labels_unless_asked():
+    seen = []
+
+    def model(x, t, y=None):
+        seen.append(y)
+        return torch.zeros_like(x)
+
+    x, t, y = torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2])
+    clf = nn.Linear(2, 3)
+    ClassifierGuidance(clf, 1.0).model_output(model, x, t, y)
+    ClassifierGuidance(clf, 1.0, condition_model=True).model_output(model, x, t, y)
+    assert seen[0] is None and torch.equal(seen[1], y)
+
+
 def test_scale_one_with_exact_classifier_samples_the_class_conditional(schedule):
     """With the exact score and the exact classifier, s = 1 samples p(x_0 | y) (Algorithm 1, small steps)."""
     oracle, clf = MixtureOracle(schedule), MixtureClassifier(schedule)

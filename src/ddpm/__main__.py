@@ -216,16 +216,6 @@ def _load(checkpoint, device):
     return model, config, state
 
 
-class _IgnoreLabels:
-    """Calls an unconditional model as ``model(x, t)`` whatever labels the sampler passes (classifier guidance)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, x, t, y=None):
-        return self.model(x, t, None)
-
-
 def cmd_sample(args) -> int:
     import numpy as np
     import torch
@@ -269,9 +259,8 @@ def cmd_sample(args) -> int:
     if classifier is not None:
         from .guidance import ClassifierGuidance
 
+        # the labels steer through the classifier only; the diffusion model is queried without them
         guidance = ClassifierGuidance(classifier, 1.0 if args.guidance_scale is None else args.guidance_scale)
-        if config.num_classes is None:
-            model = _IgnoreLabels(model)  # the labels are for the classifier only
     elif args.guidance_scale is not None:
         if config.num_classes is None:
             raise UsageError("--guidance-scale without --classifier needs a class-conditional model "

@@ -104,14 +104,24 @@ class ClassifierGuidance(Guidance):
     :meth:`cond_grad` returns ``s * grad_{x_t} log p_phi(y | x_t, t)``; the samplers apply it (Algorithm 1:
     mean + Sigma * grad; Algorithm 2: eps - sqrt(1 - alpha_bar_t) * grad). The gradient is taken with autograd
     switched on even inside ``torch.no_grad()`` or ``torch.inference_mode()``.
+
+    ``condition_model``: whether the diffusion model also receives the labels. The default False queries it
+    without labels (``model(x, t, None)``, the null label of a class-conditional network), so that the classifier
+    alone steers the samples, as in Dhariwal & Nichol's guidance of an unconditional model; True guides a
+    conditional model further.
     """
 
-    def __init__(self, classifier: nn.Module, scale: float):
+    def __init__(self, classifier: nn.Module, scale: float, condition_model: bool = False):
         scale = float(scale)
         if not scale >= 0:
             raise ValueError(f"scale: the classifier guidance scale s must be >= 0 (0 = no guidance), got {scale}")
         self.classifier = classifier
         self.scale = scale
+        self.condition_model = bool(condition_model)
+
+    def model_output(self, model, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        """The diffusion model's output, with the labels only when ``condition_model``."""
+        return model(x, t, y if self.condition_model else None)
 
     def log_prob(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """log p_phi(y | x_t, t) per example ``[N]``."""
@@ -133,7 +143,7 @@ class ClassifierGuidance(Guidance):
         return (self.scale * grad).to(x.dtype)
 
     def __repr__(self) -> str:
-        return f"ClassifierGuidance(scale={self.scale})"
+        return f"ClassifierGuidance(scale={self.scale}, condition_model={self.condition_model})"
 
 
 # ----------------------------------------------------------------------------------------------------------
