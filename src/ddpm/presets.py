@@ -10,7 +10,7 @@
                    (smaller), random flips, L_hybrid, cosine schedule
 ``mnist14``        a small unconditional U-Net on the digits pooled to 14x14 (``mnist5k-14``), cosine schedule,
                    L_hybrid: the base recipe that the Improved DDPM notebook varies (schedule, objective) at a
-                   scale where each variant trains in about a minute on a CPU
+                   scale where each variant trains in under a minute on a CPU (about 180k parameters)
 =================  =========================================================================================
 
 The profile is ``"gpu"`` when CUDA is available and ``"cpu"`` otherwise; ``DDPM_PROFILE=cpu`` or ``gpu``
@@ -155,7 +155,7 @@ def _mnist14() -> TrainConfig:
         name="mnist14",
         model_type="unet",
         model={
-            "image_size": 14, "in_channels": 1, "model_channels": 32, "channel_mult": [1, 2],
+            "image_size": 14, "in_channels": 1, "model_channels": 16, "channel_mult": [1, 2],
             "num_res_blocks": 1, "attention_resolutions": [], "num_heads": 4, "num_head_channels": -1,
             "dropout": 0.0, "num_classes": None, "learn_sigma": True, "use_scale_shift_norm": True,
             "resblock_updown": False,
@@ -165,9 +165,9 @@ def _mnist14() -> TrainConfig:
         T=1000,
         loss_type="hybrid",
         batch_size=64,
-        lr=1e-3,
+        lr=2e-3,
         warmup_steps=50,
-        steps=800,
+        steps=400,
         grad_clip=1.0,
         ema_decay=0.999,
         log_every=50,
