@@ -239,3 +239,31 @@ def test_bib_entries_are_complete():
         if "eprint" in entry.fields:
             assert re.fullmatch(r"\d{4}\.\d{4,5}", entry.fields["eprint"]), f"{key}: malformed arXiv id"
             assert entry.fields.get("archivePrefix", entry.fields.get("archiveprefix")) == "arXiv"
+
+
+def test_notebook_pages_are_clean(html_dir, page):
+    """No tracebacks, stderr blocks or progress bars in an executed page; every figure has its caption."""
+    require_build()
+    if page.source is None or page.source.suffix != ".ipynb":
+        pytest.skip("not a notebook")
+    body = article(soup_of(page.html))
+    assert not body.select(".output.traceback, .output.stderr, .output.error"), f"{page.docname}: error output"
+    text = body.get_text(" ")
+    assert "Traceback (most recent call last)" not in text, f"{page.docname}: a traceback in the page"
+    assert not re.search(r"\d+%\|", text), f"{page.docname}: progress-bar output in the page"
+    for figure in body.select("figure"):
+        assert figure.select_one("figcaption"), f"{page.docname}: a figure without caption"
+
+
+def test_theory_versus_practice_table(html_dir):
+    """At least eight claims, each with a measured number and a verdict pasted from the notebooks."""
+    require_build()
+    page = ROOT / "_build" / "html" / "practice" / "theory_vs_practice.html"
+    body = article(soup_of(page))
+    rows = [row for table in body.select("table") for row in table.select("tbody tr")]
+    assert len(rows) >= 8, f"only {len(rows)} claims in the table"
+    for row in rows:
+        cells = row.select("td")
+        pasted = [span.get_text() for span in row.select("span.pasted-text")]
+        assert any(re.search(r"\d", p) for p in pasted), f"no measured number in row {cells[0].get_text()[:60]!r}"
+        assert pasted and pasted[-1] in ("held", "did not hold"), f"no verdict in row {cells[0].get_text()[:60]!r}"
