@@ -1,3 +1,6 @@
+import base64
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -7,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ddpm.plotting import (TrajectoryRecorder, forward_strip, image_grid, schedule_plot, to_uint8,  # noqa: E402
-                           trajectory_animation, trajectory_figure)
+                           animation_html, trajectory_animation, trajectory_figure)
 from ddpm.samplers import ddim_sample  # noqa: E402
 from ddpm.schedule import NoiseSchedule  # noqa: E402
 
@@ -40,5 +43,10 @@ def test_recorder_and_figures():
     for fig in (trajectory_figure(rec.frames), forward_strip(sched, torch.zeros(2, 1, 4, 4), [0, 50, 99]),
                 schedule_plot({"linear": sched, "cosine": NoiseSchedule.cosine(100)})):
         assert fig.axes
-    html = trajectory_animation(rec.frames).to_jshtml()
-    assert "<img" in html or "data:image" in html
+    html = animation_html(trajectory_animation(rec.frames), alt="trajectory")
+    assert html.startswith('<img src="data:image/gif;base64,') and html.endswith('alt="trajectory">')
+    assert "http" not in html and "<script" not in html  # self-contained: nothing fetched, nothing run
+    from PIL import Image
+
+    gif = Image.open(io.BytesIO(base64.b64decode(html.split(",", 1)[1].split('"', 1)[0])))
+    assert gif.format == "GIF" and gif.n_frames == len(rec.frames)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["to_uint8", "image_grid", "show_images", "forward_strip", "TrajectoryRecorder", "trajectory_figure",
-           "trajectory_animation", "schedule_plot", "points_figure", "provenance"]
+           "trajectory_animation", "animation_html", "schedule_plot", "points_figure", "provenance"]
 
 
 def to_uint8(x: Tensor | np.ndarray) -> np.ndarray:
@@ -144,6 +144,29 @@ def trajectory_animation(frames: Sequence[tuple[int, Tensor, Tensor]], nrow: int
     anim = animation.FuncAnimation(fig, update, frames=len(frames), interval=interval, blit=False)
     plt.close(fig)
     return anim
+
+
+def animation_html(anim, fps: int = 8, dpi: int = 72, alt: str = "animation") -> str:
+    """An ``<img>`` tag holding ``anim`` as an animated GIF in a data URI.
+
+    Self-contained: unlike ``anim.to_jshtml()``, it needs no script, no style sheet from a CDN and no network, and it
+    plays in the HTML book, in Jupyter and in any browser.
+    """
+    import base64
+    import os
+    import tempfile
+
+    from matplotlib.animation import PillowWriter
+
+    handle, path = tempfile.mkstemp(suffix=".gif")
+    os.close(handle)
+    try:
+        anim.save(path, writer=PillowWriter(fps=fps), dpi=dpi)
+        with open(path, "rb") as f:
+            data = base64.b64encode(f.read()).decode("ascii")
+    finally:
+        os.unlink(path)
+    return f'<img src="data:image/gif;base64,{data}" alt="{alt}">'
 
 
 def schedule_plot(schedules: Mapping[str, "object"]):
