@@ -16,6 +16,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -34,37 +35,28 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-def _positive(name: str):
-    def parse(text: str) -> int:
+def _number(cast, ok, requirement: str, name: str = ""):
+    """An argparse ``type``: ``cast`` the text, then check it with ``ok``; one message for both failures."""
+    prefix = f"{name} " if name else ""
+
+    def parse(text: str):
         try:
-            value = int(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+            raise argparse.ArgumentTypeError(f"{prefix}must be {requirement}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{prefix}must be {requirement}, got {text}")
         return value
 
     return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
+def _positive(name: str):
+    return _number(int, lambda v: v > 0, "a positive integer", name)
 
 
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+_nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_nonneg_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
