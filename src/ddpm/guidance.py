@@ -18,7 +18,6 @@ Timesteps are 0-based original training timesteps (t = 0 is the first noising st
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .samplers import Guidance
-from .unet import group_norm, timestep_embedding
+from .unet import _check_t, _config_to_dict, _frequencies, group_norm, timestep_embedding
 
 __all__ = [
     "ClassifierFreeGuidance",
@@ -176,9 +175,7 @@ class NoiseAwareClassifierConfig:
             raise ValueError(f"dropout: must lie in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["channels"] = list(self.channels)
-        return d
+        return _config_to_dict(self)
 
 
 class _TimeBlock(nn.Module):
@@ -214,6 +211,7 @@ class NoiseAwareClassifier(nn.Module):
         self.config = config = config or NoiseAwareClassifierConfig()
         c0, e = config.channels[0], config.time_embed_dim
         self.time_mlp = nn.Sequential(nn.Linear(c0, e), nn.SiLU(), nn.Linear(e, e))
+        self.register_buffer("freqs", _frequencies(c0), persistent=False)  # built once, not per call
         self.stem = nn.Conv2d(config.in_channels, c0, 3, padding=1)
         blocks, c_prev = [], c0
         for c in config.channels:
@@ -231,12 +229,8 @@ class NoiseAwareClassifier(nn.Module):
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x: expected [N, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t: expected one timestep per example, shape [{x.shape[0]}], got {tuple(t.shape)}")
-        emb = self.time_mlp(timestep_embedding(t, cfg.channels[0]).to(x.dtype))
+        t = _check_t(t, x.shape[0], x.device)
+        emb = self.time_mlp(timestep_embedding(t, cfg.channels[0], self.freqs).to(x.dtype))
         h = self.stem(x)
         for i, block in enumerate(self.blocks):
             h = block(h, emb)
@@ -269,7 +263,7 @@ def accuracy_by_quartile(classifier: nn.Module, schedule, x0: Tensor, y: Tensor,
         for i in range(0, len(x0), batch_size):
             xb, yb = x0[i: i + batch_size], y[i: i + batch_size]
             t = _quartile_t(q, len(xb), schedule.T, gen)
-            x_t = schedule.q_sample(xb, t, torch.randn(xb.shape, generator=gen)).to(device)
+            x_t = schedule.q_sample(xb, t, generator=gen).to(device)
             correct += int((classifier(x_t, t.to(device)).argmax(1).cpu() == yb).sum())
         result.append(correct / len(x0))
     classifier.train(was_training)
@@ -309,7 +303,7 @@ def train_noise_aware_classifier(
     for step in range(steps):
         idx = torch.randint(0, len(x0), (batch_size,), generator=gen)
         t = torch.randint(0, schedule.T, (batch_size,), generator=gen)
-        x_t = schedule.q_sample(x0[idx], t, torch.randn(x0[idx].shape, generator=gen))
+        x_t = schedule.q_sample(x0[idx], t, generator=gen)
         loss = F.cross_entropy(classifier(x_t.to(device), t.to(device)), y[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -376,7 +370,7 @@ def load_or_train_classifier(
         "seed": seed, "T": schedule.T, "betas_sum": round(float(schedule.betas.sum()), 12),
         "betas_last": round(float(schedule.betas[-1]), 12),
     }
-    path = Path(cache_dir()) / f"noise-aware-classifier-{config_hash(key)}.safetensors"
+    path = cache_dir() / f"noise-aware-classifier-{config_hash(key)}.safetensors"
     if cache and path.is_file():
         return load_classifier(path, device)
     torch.manual_seed(seed)
