@@ -22,7 +22,6 @@ labels ``[N]``. :func:`as_model_images` converts either to the former. The book'
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -33,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import _to_unit_range
 from .plotting import to_uint8  # noqa: F401  (re-exported: samples as the OpenAI .npz layout)
+from .unet import _config_to_dict
 
 NOT_COMPARABLE = (
     "FID and the Inception-Score analogue are measured in the feature space of the project's own MNIST "
@@ -60,7 +61,7 @@ def as_model_images(x) -> torch.Tensor:
         raise ValueError(f"images: expected 4 dimensions ([N,H,W,C] uint8 or [N,C,H,W] float), "
                          f"got shape {tuple(x.shape)}")
     if x.dtype == torch.uint8:
-        return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+        return _to_unit_range(x.permute(0, 3, 1, 2)).contiguous()
     if not x.is_floating_point():
         raise ValueError(f"images: dtype must be uint8 [N,H,W,C] or floating [N,C,H,W], got {x.dtype}")
     return x.float()
@@ -230,10 +231,10 @@ def load_or_train_mnist_classifier(
     from ddpm import checkpoint
 
     config = config or MNISTClassifierConfig()
-    cfg = json_config(config)
-    path = Path(checkpoint.cache_dir()) / f"mnist-classifier-{checkpoint.config_hash(cfg)}.safetensors"
-    model = MNISTClassifier(config)
+    cfg = _config_to_dict(config)
+    path = checkpoint.cache_dir() / f"mnist-classifier-{checkpoint.config_hash(cfg)}.safetensors"
     if cache and path.is_file():
+        model = MNISTClassifier(config)
         tensors, meta = checkpoint.load_weights(path)
         if meta.get("config") != cfg:
             raise ValueError(f"{path}: stored classifier configuration differs; delete the file to retrain")
@@ -249,11 +250,6 @@ def load_or_train_mnist_classifier(
             checkpoint.save_weights(path, model.state_dict(), {"model": "MNISTClassifier", "config": cfg, "info": info})
     info = {**info, "path": str(path) if cache else None}
     return model.to(torch.device(device or "cpu")).eval(), info
-
-
-def json_config(config) -> dict:
-    """A dataclass configuration as a JSON-ready dict (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
 @torch.no_grad()
@@ -343,7 +339,7 @@ def fid_with_error(features, reference, *, n_draws: int = 10, generator: torch.G
         values.append(frechet_distance(*stats_f, *stats_r))
         boot.append(frechet_distance(*gaussian_stats(f[torch.randint(0, n, (n,), generator=gen)]), *stats_r))
     v, bv = torch.tensor(values, dtype=torch.float64), torch.tensor(boot, dtype=torch.float64)
-    return {"fid": float(v.mean()), "std": float(bv.std()), "fid_point": fid_from_features(f, r), "n": n,
+    return {"fid": float(v.mean()), "std": float(bv.std()), "fid_point": frechet_distance(*stats_f, *gaussian_stats(r)), "n": n,
             "n_reference": m}
 
 
@@ -379,10 +375,6 @@ def _check_probs(probs) -> torch.Tensor:
     return p
 
 
-def _xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.where(x > 0, x * torch.log(torch.where(x > 0, y, torch.ones_like(y))), torch.zeros_like(x))
-
-
 def mean_confidence(probs) -> float:
     """Mean over samples of the largest class probability, ``mean_i max_k p(k | x_i)`` (fidelity)."""
     return float(_check_probs(probs).max(1).values.mean())
@@ -404,7 +396,7 @@ def class_histogram_entropy(probs_or_labels, num_classes: int | None = None) -> 
         pred = x.long()
     h = torch.bincount(pred, minlength=num_classes).double()
     q = h / h.sum()
-    return float(-_xlogy(q, q).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return float(-torch.xlogy(q, q).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def classifier_score(probs, splits: int = 1) -> tuple[float, float]:
@@ -420,7 +412,7 @@ def classifier_score(probs, splits: int = 1) -> tuple[float, float]:
     scores = []
     for part in torch.chunk(p, splits):
         marginal = part.mean(0, keepdim=True)
-        kl = (_xlogy(part, part) - _xlogy(part, marginal.expand_as(part))).sum(1)
+        kl = (torch.xlogy(part, part) - torch.xlogy(part, marginal.expand_as(part))).sum(1)
         scores.append(math.exp(float(kl.mean())))
     s = torch.tensor(scores, dtype=torch.float64)
     return float(s.mean()), float(s.std()) if splits > 1 else 0.0
@@ -482,14 +474,15 @@ def closest_pairs(samples, train, k: int = 8) -> dict:
     Returns ``{"sample_index": [k], "train_index": [k], "distance": [k], "samples": images [k, C, H, W],
     "train": their nearest training images [k, C, H, W]}`` (images in [-1, 1]), ordered by increasing distance.
     """
+    samples, train = as_model_images(samples), as_model_images(train)  # converted once, used twice
     d, j = nearest_neighbours(samples, train)
     order = torch.argsort(d)[:k]
     return {
         "sample_index": order,
         "train_index": j[order],
         "distance": d[order],
-        "samples": as_model_images(samples)[order],
-        "train": as_model_images(train)[j[order]],
+        "samples": samples[order],
+        "train": train[j[order]],
     }
 
 
