@@ -42,8 +42,8 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .data import augment, dataset_info, load_dataset
-from .losses import ImportanceSampler, UniformSampler, training_losses
-from .schedule import NoiseSchedule
+from .losses import LOSS_TYPES, VAR_TYPES, ImportanceSampler, UniformSampler, training_losses
+from .schedule import SCHEDULES, NoiseSchedule, randn_like
 
 __all__ = [
     "Callback",
@@ -58,10 +58,7 @@ __all__ = [
     "update_ema",
 ]
 
-LOSS_TYPES = ("simple", "hybrid", "vlb")
-VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 MODEL_TYPES = ("unet", "mlp")
-SCHEDULES = ("linear", "cosine")
 TIMESTEP_SAMPLERS = ("uniform", "importance")
 #: Keys that may change when a run is resumed: they do not alter the trajectory of the weights.
 RESUME_FREE_KEYS = ("steps", "checkpoint_every", "preview_every", "log_every")
@@ -571,7 +568,7 @@ class Trainer:
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         t, weights = self.t_sampler.sample(self.local_batch, device=self.device, generator=g_cpu)
-        noise = torch.randn(x0.shape, generator=g_dev, device=self.device, dtype=x0.dtype)
+        noise = randn_like(x0, g_dev)
 
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
@@ -609,13 +606,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if c.grad_clip is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         else:
-            grad_norm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None])))
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]))
         self.optimizer.step()
         decay = ema_decay_at(step, c.ema_decay, c.ema_warmup)
         update_ema(self.ema, self.model, decay)
+        grad_norm = float(grad_norm)  # read back only after the step and the EMA are queued (no mid-step sync)
 
         per_example = terms["loss"].detach()
         if isinstance(self.t_sampler, ImportanceSampler):
@@ -628,7 +626,7 @@ class Trainer:
                 all_t, all_l = torch.cat(ts), torch.cat(ls)
             self.t_sampler.update(all_t.cpu(), all_l.float().cpu())
         quartile = (t * 4 // c.T).cpu()
-        for q, value in zip(quartile.tolist(), per_example.float().cpu().tolist()):
+        for q, value in zip(quartile.tolist(), per_example.float().tolist()):
             self._q_sum[q] += value
             self._q_count[q] += 1
 
