@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -76,7 +75,7 @@ class CheckpointError(ValueError):
 def package_version() -> str:
     """The installed version of the ``ddpm`` package (part of every config hash)."""
     try:
-        from importlib.metadata import PackageNotFoundError, version
+        from importlib.metadata import version
 
         return version("ddpm")
     except Exception:  # not installed (e.g. run from a source tree on sys.path)
@@ -352,7 +351,7 @@ def save_training_state(
     _recover(directory)
     config = dict(config)
     digest = config_hash(config)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = _tmp_sibling(directory)
     tmp.mkdir()
     try:
         header = {
@@ -461,12 +460,26 @@ def load_training_state(
     }
 
 
+def _load_network(directory: Path, file: str, config) -> torch.nn.Module:
+    """The network of ``config`` with the weights of ``directory / file``, in eval mode on the CPU."""
+    from .train import build_model
+
+    weights, _ = load_weights(directory / file)
+    model = build_model(config)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {directory} does not fit its configured network ({first}); train it again") from None
+    return model.eval()
+
+
 def load_model(directory: str | os.PathLike, *, ema: bool = True, device: str | torch.device | None = None):
     """Rebuild the network of a training checkpoint: returns ``(model in eval mode, TrainConfig, state dict)``.
 
     ``ema=True`` loads the exponential moving average of the weights (what sampling should use).
     """
-    from .train import TrainConfig, build_model
+    from .train import TrainConfig
 
     directory = Path(directory)
     header = read_checkpoint_header(directory)
@@ -474,14 +487,7 @@ def load_model(directory: str | os.PathLike, *, ema: bool = True, device: str | 
         config = TrainConfig.from_dict(header["config"])
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {directory} holds an unusable configuration: {exc}") from None
-    weights, _ = load_weights(directory / ("ema.safetensors" if ema else "model.safetensors"))
-    model = build_model(config)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {directory} does not fit its configured network ({first}); train it again") from None
-    model.eval()
+    model = _load_network(directory, "ema.safetensors" if ema else "model.safetensors", config)
     if device is not None:
         model.to(device)
     state = _read_json(directory / STATE_FILE)
@@ -597,11 +603,8 @@ def load_or_train(
 
 def _finished_model(directory: Path, config, name: str, digest: str, device) -> TrainedModel | None:
     """The cached model of a finished run in ``directory`` (None when the run stopped early)."""
-    import torch
-
     from .presets import profile
     from .schedule import NoiseSchedule
-    from .train import build_model
     from .unet import count_parameters
 
     header = read_checkpoint_header(directory)
@@ -613,13 +616,7 @@ def _finished_model(directory: Path, config, name: str, digest: str, device) -> 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     models = []
     for file in ("ema.safetensors", "model.safetensors"):
-        weights, _ = load_weights(directory / file)
-        model = build_model(config)
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{directory / file} does not fit its network ({str(exc).splitlines()[0]})") from None
-        models.append(model.to(device).eval())
+        models.append(_load_network(directory, file, config).to(device))
     info = {
         "preset": name,
         "profile": profile(),
