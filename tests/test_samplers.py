@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ddpm.samplers import Guidance, ddim_sample, ddim_step, ddpm_sample, respaced, sample
+from ddpm.samplers import Guidance, ddim_sample, ddim_step, ddpm_sample, respaced, sample, sample_in_batches
 from ddpm.schedule import NoiseSchedule
 from oracles import GaussianOracle
 
@@ -183,3 +183,21 @@ def test_sampler_bad_input(setup):
         respaced(sched, 0, "ddim")
     with pytest.raises(ValueError, match="shape"):
         ddpm_sample(oracle, sched)
+
+
+def test_sample_in_batches_is_the_batches_drawn_in_turn():
+    sched = NoiseSchedule.linear(50)
+    seen = []
+
+    def model(x, t, y=None):
+        seen.append(None if y is None else y.tolist())
+        return 0.1 * x
+
+    y = torch.arange(5)
+    out = sample_in_batches(model, sched, (1, 2, 2), 5, batch_size=2, y=y, sampler="ddpm", steps=5,
+                            generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    parts = [sample(model, sched, (b, 1, 2, 2), y=y[i: i + b], sampler="ddpm", steps=5, generator=gen)
+             for i, b in ((0, 2), (2, 2), (4, 1))]
+    assert out.shape == (5, 1, 2, 2) and torch.equal(out, torch.cat(parts))
+    assert seen[0] == [0, 1] and seen[5] == [2, 3] and seen[10] == [4]  # each batch gets its own labels

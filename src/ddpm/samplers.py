@@ -25,7 +25,7 @@ from .losses import p_mean_variance, split_output
 from .schedule import NoiseSchedule, randn_like
 
 __all__ = ["Guidance", "model_output", "p_sample_step", "ddpm_sample", "ddim_step", "ddim_sample", "sample",
-           "SAMPLERS", "respaced"]
+           "sample_in_batches", "SAMPLERS", "respaced"]
 
 SAMPLERS = ("ddpm", "ddim")
 Callback = Callable[[int, Tensor, Tensor], None]
@@ -215,3 +215,19 @@ def sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = None, *
     if sampler == "ddim":
         return ddim_sample(model, schedule, shape, **kwargs)
     raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+
+
+def sample_in_batches(model, schedule: NoiseSchedule, shape: Sequence[int], n: int, *, batch_size: int,
+                      y: Tensor | None = None, **kwargs) -> Tensor:
+    """``n`` samples of ``shape`` (one image, e.g. (1, 28, 28)) drawn ``batch_size`` at a time with :func:`sample`.
+
+    ``y``: labels ``[n]`` or None, cut into the same batches. The keyword arguments (``sampler``, ``steps``,
+    ``generator``, ``guidance``, ...) go to every call; one generator is used by the batches in turn. Returns
+    ``[n, *shape]`` on the CPU.
+    """
+    out = []
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        out.append(sample(model, schedule, (b, *shape), y=None if y is None else y[i: i + b], **kwargs).cpu())
+    return torch.cat(out)
+
