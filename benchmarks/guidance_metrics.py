@@ -38,7 +38,7 @@ from ddpm import checkpoint, metrics
 from ddpm.guidance import (ClassifierFreeGuidance, ClassifierGuidance, NoiseAwareClassifierConfig,
                            load_or_train_classifier)
 from ddpm.presets import get_preset
-from ddpm.samplers import ddim_sample
+from ddpm.samplers import sample_in_batches
 from ddpm.schedule import NoiseSchedule
 
 
@@ -58,20 +58,15 @@ def cached_model_ready(preset: str) -> Path | None:
 
 def generate(model, schedule, n, *, steps, batch_size, labels=None, guidance=None, seed=0):
     """n DDIM samples [n, 1, 28, 28] in [-1, 1], in batches; labels [n] or None."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, n, batch_size):
-        b = min(batch_size, n - i)
-        y = None if labels is None else labels[i: i + b]
-        out.append(ddim_sample(model, schedule, (b, 1, 28, 28), steps=steps, y=y, guidance=guidance, generator=gen))
-    return torch.cat(out)
+    return sample_in_batches(model, schedule, (1, 28, 28), n, batch_size=batch_size, y=labels, sampler="ddim",
+                             steps=steps, guidance=guidance, generator=torch.Generator().manual_seed(seed))
 
 
 def sweep_row(kind, scale, x, labels, metric_clf, reference, noise_clf, n_draws):
     out = metrics.classifier_outputs(metric_clf, x)
     fid = metrics.fid_with_error(out["features"], reference, n_draws=n_draws)
     with torch.no_grad():
-        logp = noise_clf(x, torch.zeros(len(x), dtype=torch.long)).log_softmax(1).gather(1, labels[:, None])
+        logp = ClassifierGuidance(noise_clf, 1.0).log_prob(x, torch.zeros(len(x), dtype=torch.long), labels)
     return {
         "guidance": kind, "scale": scale,
         "accuracy": metrics.conditional_accuracy(out["probs"], labels),
@@ -169,11 +164,9 @@ def main(argv=None) -> int:
     for kind, scales in (("classifier-free", args.cfg_scales), ("classifier", args.clf_scales)):
         for scale in (float(s) for s in scales.split(",")):
             t0 = time.perf_counter()
-            if kind == "classifier-free":
-                net, guidance = model, ClassifierFreeGuidance(scale)
-            else:
-                net, guidance = model, ClassifierGuidance(noise_clf, scale)
-            xs = generate(net, schedule, args.sweep_n, steps=args.steps, batch_size=args.batch_size, labels=labels,
+            guidance = (ClassifierFreeGuidance(scale) if kind == "classifier-free"
+                        else ClassifierGuidance(noise_clf, scale))
+            xs = generate(model, schedule, args.sweep_n, steps=args.steps, batch_size=args.batch_size, labels=labels,
                           guidance=guidance, seed=3)
             row = sweep_row(kind, scale, xs, labels, metric_clf, reference, noise_clf, args.draws)
             row["seconds"] = time.perf_counter() - t0

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ddpm.__main__ import save_png_grid
-from ddpm.plotting import to_uint8
 from ddpm.checkpoint import load_or_train
-from ddpm.samplers import ddim_sample
+from ddpm.plotting import save_png_grid, to_uint8
+from ddpm.samplers import sample_in_batches
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,15 +52,12 @@ def main() -> None:
         guidance = ClassifierFreeGuidance(args.guidance_scale)
     generator = torch.Generator().manual_seed(args.seed)
     labels = torch.arange(args.n) % 10
-    chunks = []
     start = time.perf_counter()
     with torch.inference_mode():
-        for i in range(0, args.n, args.batch_size):
-            y = labels[i : i + args.batch_size]
-            chunks.append(ddim_sample(model, schedule, (len(y), 1, 28, 28), steps=args.sampling_steps, y=y,
-                                      generator=generator, guidance=guidance))
+        samples = sample_in_batches(model, schedule, (1, 28, 28), args.n, batch_size=args.batch_size, y=labels,
+                                    sampler="ddim", steps=args.sampling_steps, generator=generator,
+                                    guidance=guidance)
     sampling_s = time.perf_counter() - start
-    samples = torch.cat(chunks)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     save_png_grid(samples[:100], RESULTS / "mnist_cpu_grid.png", nrow=10)

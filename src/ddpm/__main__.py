@@ -130,13 +130,9 @@ def cmd_train(args) -> int:
     from .train import RESUME_FREE_KEYS, Trainer, TrainingDiverged, setup_distributed
 
     try:
-        config = get_preset(args.preset)
+        config = get_preset(args.preset, **({} if args.steps is None else {"steps": args.steps}))
     except ValueError as exc:
         raise UsageError(f"{PROG} train: {exc}") from None
-    if args.steps is not None:
-        import dataclasses
-
-        config = dataclasses.replace(config, steps=args.steps)
     out = args.out if args.out is not None else Path("runs") / args.preset
     exists = (out / "config.json").exists()
     if args.resume and not exists:
@@ -185,41 +181,26 @@ class _PreviewWriter:
 
     def on_preview(self, trainer, samples):
         if samples.ndim == 4:
+            from .plotting import save_png_grid
+
             self.folder.mkdir(parents=True, exist_ok=True)
             save_png_grid(samples, self.folder / f"step_{trainer.step:07d}.png")
-
-
-def save_png_grid(x, path: Path, nrow: int | None = None) -> None:
-    """Write images ``x [N, C, H, W]`` in [-1, 1] as one PNG grid."""
-    import math
-
-    from torchvision.utils import save_image
-
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(x.shape[0]))))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image((x.float().clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=2, pad_value=1.0)
-
-
-def _load(checkpoint, device):
-    from .checkpoint import load_model
-
-    model, config, state = load_model(checkpoint, ema=True, device=device)
-    return model, config, state
 
 
 def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
+    from .checkpoint import load_model
     from .data import dataset_info
-    from .samplers import sample
+    from .samplers import sample_in_batches
     from .schedule import NoiseSchedule
 
     suffix = args.out.suffix.lower()
     if suffix not in (".png", ".npz"):
         raise UsageError(f"--out must end in .png or .npz, got {args.out}")
     device = _device(args.device)
-    model, config, _ = _load(args.checkpoint, device)
+    model, config, _ = load_model(args.checkpoint, device=device)
     info = dataset_info(config.dataset)
     if info.kind != "image":
         raise UsageError(f"{args.checkpoint} is a model of 2-D points; sample it from Python (ddpm.samplers)")
@@ -260,36 +241,29 @@ def cmd_sample(args) -> int:
 
         guidance = ClassifierFreeGuidance(args.guidance_scale)
 
-    labelled = args.label is not None or guidance is not None
+    y = None
+    if args.label is not None or guidance is not None:
+        y = (torch.full((args.n,), args.label, dtype=torch.long) if args.label is not None
+             else torch.arange(args.n) % num_classes).to(device)
     generator = torch.Generator(device).manual_seed(args.seed)
-    images, labels = [], []
-    done = 0
     with torch.no_grad():
-        while done < args.n:
-            b = min(args.batch_size, args.n - done)
-            y = None
-            if labelled:
-                y = (torch.full((b,), args.label, dtype=torch.long) if args.label is not None
-                     else torch.arange(done, done + b) % num_classes).to(device)
-            x = sample(model, schedule, (b, *info.shape), sampler=args.sampler, steps=args.steps, y=y,
-                       generator=generator, guidance=guidance, device=device)
-            images.append(x.cpu())
-            if y is not None:
-                labels.append(y.cpu())
-            done += b
-    x = torch.cat(images)
+        x = sample_in_batches(model, schedule, info.shape, args.n, batch_size=args.batch_size, y=y,
+                              sampler=args.sampler, steps=args.steps, generator=generator, guidance=guidance,
+                              device=device)
     if suffix == ".png":
+        from .plotting import save_png_grid
+
         save_png_grid(x, args.out)
     else:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         from .plotting import to_uint8
 
         arrays = {"arr_0": to_uint8(x)}
-        if labels:
-            arrays["arr_1"] = torch.cat(labels).numpy().astype(np.int64)
+        if y is not None:
+            arrays["arr_1"] = y.cpu().numpy()
         np.savez(args.out, **arrays)
     steps = args.steps or config.T
-    what = f"class {args.label}" if args.label is not None else ("classes cycled" if labelled else "unconditional")
+    what = f"class {args.label}" if args.label is not None else ("classes cycled" if y is not None else "unconditional")
     g = f", guidance scale {guidance.scale}" if guidance is not None else ""
     print(f"wrote {args.n} samples ({args.sampler}, {steps} steps, {what}{g}, seed {args.seed}) to {args.out}")
     return 0
@@ -298,12 +272,13 @@ def cmd_sample(args) -> int:
 def cmd_nll(args) -> int:
     import torch
 
+    from .checkpoint import load_model
     from .data import DatasetUnavailable, load_dataset
     from .likelihood import nll_bits_per_dim, nll_estimate
     from .schedule import NoiseSchedule
 
     device = _device(args.device)
-    model, config, _ = _load(args.checkpoint, device)
+    model, config, _ = load_model(args.checkpoint, device=device)
     try:
         x, _ = load_dataset(config.dataset, split="test", root=args.data_root, n=args.n)
     except DatasetUnavailable as exc:

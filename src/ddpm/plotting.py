@@ -146,6 +146,18 @@ def trajectory_animation(frames: Sequence[tuple[int, Tensor, Tensor]], nrow: int
     return anim
 
 
+def save_png_grid(x: Tensor, path, nrow: int | None = None) -> None:
+    """Write images ``x [N, C, H, W]`` in [-1, 1] as one PNG grid (``nrow`` per row, default about sqrt(N))."""
+    from pathlib import Path
+
+    from torchvision.utils import save_image
+
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(x.shape[0]))))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image((x.float().clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=2, pad_value=1.0)
+
+
 def animation_html(anim, fps: int = 8, dpi: int = 72, alt: str = "animation") -> str:
     """An ``<img>`` tag holding ``anim`` as an animated GIF in a data URI.
 
