@@ -1,7 +1,7 @@
 # Two commands on a fresh machine:
 #   make book   builds the HTML book into _build/html (creates .venv and installs what is missing)
 #   make test   runs the unit tests, then the strict book build and the checks of the built pages
-.PHONY: book test unit strict-book book-checks browser-deps install clean
+.PHONY: book test unit strict-book book-checks browser-deps install clean bench-deps bench
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -39,6 +39,17 @@ book-checks: $(STAMP) browser-deps
 # Until the book exists (no _toc.yml) `make test` is the unit suite.
 test: unit
 	@if [ -f _toc.yml ]; then $(MAKE) --no-print-directory strict-book book-checks; fi
+
+# Optional: the reference U-Nets (diffusers, lucidrains) and the side-by-side benchmark (about 25 minutes on 2 cores).
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) benchmarks/requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r benchmarks/requirements.txt
+	touch $(BENCH_STAMP)
+
+bench-deps: $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/compare_unets.py
 
 clean:
 	rm -rf _build .pytest_cache

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "reference").glob("*.ipynb"))
 SAMPLERS = ("ddim_sample(", "ddpm_sample(", "sample(")
 # a cell that shows images: a grid, a denoising trajectory or its animation
 SHOWS_IMAGES = re.compile(r"\b(image_grid|trajectory_figure|trajectory_animation)\(")
@@ -30,7 +30,7 @@ def source(cell: dict) -> str:
 def test_the_book_has_its_notebooks():
     names = {p.stem for p in NOTEBOOKS}
     assert {"forward_process", "toy_2d", "training_mnist", "sampling", "improved_ddpm", "guidance",
-            "evaluation"} <= names, names
+            "evaluation", "benchmarks"} <= names, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

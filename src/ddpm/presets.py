@@ -4,7 +4,7 @@
 ``toy2d``          an MLP on the 2-D swiss roll, L_simple, linear schedule; 3,000 small steps, minutes on a CPU
 ``mnist-cpu``      the ``cpu`` profile's digit model: a small class-conditional U-Net (~1.1M parameters) on
                    ``mnist5k`` with label dropout (classifier-free guidance), cosine schedule and learned
-                   variances trained with L_hybrid; about 14 minutes on two CPU cores
+                   variances trained with L_hybrid; about 10 minutes on two CPU cores
 ``mnist-gpu``      the ``gpu`` profile's digit model: the same recipe, wider, on full MNIST, bf16
 ``cifar10-gpu``    a class-conditional U-Net for CIFAR-10 in the spirit of Improved DDPM's CIFAR-10 model
                    (smaller), random flips, L_hybrid, cosine schedule

@@ -375,7 +375,10 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.in_norm(x))
+        # SiLU in place: GroupNorm and addcmul keep their inputs, not their outputs, for the backward pass, so
+        # overwriting the outputs is safe, and it saves a full-size allocation per call (about 15% of the
+        # sampling time on a CPU at batch 250; see benchmarks/compare_unets.py).
+        h = F.silu(self.in_norm(x), inplace=True)
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
         h = self.in_conv(h)
@@ -387,7 +390,7 @@ class ResBlock(nn.Module):
         else:
             # Additive conditioning, Ho et al. (2020) Appendix B.
             h = self.out_norm(h + e)
-        h = self.out_conv(self.dropout(F.silu(h)))
+        h = self.out_conv(self.dropout(F.silu(h, inplace=True)))
         return self.skip(x) + h
 
 
@@ -516,7 +519,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(EmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, config.out_channels, 3, padding=1))
+            group_norm(ch), nn.SiLU(inplace=True), zero_module(nn.Conv2d(ch, config.out_channels, 3, padding=1))
         )
 
     def _check_x(self, x: Any) -> None:

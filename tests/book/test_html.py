@@ -7,6 +7,7 @@ only image files that exist. The bibliography page must list every cited work ex
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -267,3 +268,19 @@ def test_theory_versus_practice_table(html_dir):
         pasted = [span.get_text() for span in row.select("span.pasted-text")]
         assert any(re.search(r"\d", p) for p in pasted), f"no measured number in row {cells[0].get_text()[:60]!r}"
         assert pasted and pasted[-1] in ("held", "did not hold"), f"no verdict in row {cells[0].get_text()[:60]!r}"
+
+
+def test_benchmark_page_shows_the_recorded_results(html_dir):
+    """The reference page's tables come from benchmarks/results/unets_cpu.json: every network and every target."""
+    require_build()
+    results = json.loads((ROOT / "benchmarks" / "results" / "unets_cpu.json").read_text())
+    page = ROOT / "_build" / "html" / "reference" / "benchmarks.html"
+    body = article(soup_of(page))
+    text = " ".join(table.get_text(" ") for table in body.select("table"))
+    for name, info in results["networks"].items():
+        assert name in text and f"{info['parameters']:,}" in text, name
+    for target in results["targets"]:
+        assert f"{target['ratio']:.2f}" in text, target
+    median = results["ratios"]["diffusers-same"]["train_images_per_s"]["median"]
+    pasted = [span.get_text() for span in body.select("span.pasted-text")]
+    assert f"{median:.2f}" in pasted, "the prose does not paste the measured ratio"

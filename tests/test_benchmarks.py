@@ -1,0 +1,103 @@
+"""The benchmark scripts: the pieces that run without the optional reference packages, and a tiny GPU-profile run.
+
+The reference U-Nets (diffusers, lucidrains) are optional dependencies (``benchmarks/requirements.txt``); these
+tests never need them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm.presets import get_preset
+from ddpm.unet import UNet, count_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def compare():
+    return load_script("compare_unets")
+
+
+def test_our_network_is_the_mnist_cpu_unet_without_labels_or_variances(compare):
+    cfg = compare.our_config()
+    preset = get_preset("mnist-cpu").model_config()
+    assert cfg.num_classes is None and cfg.learn_sigma is False and cfg.out_channels == 1
+    for field in ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
+                  "use_scale_shift_norm", "image_size"):
+        assert getattr(cfg, field) == getattr(preset, field), field
+    nets = compare.build_networks(("ours",))
+    assert set(nets) == {"ours"}
+    assert nets["ours"][1]["parameters"] == count_parameters(UNet(cfg))
+
+
+def test_ratios_are_paired_per_repeat_and_summarised(compare):
+    per_net = {"ours": {"x": [2.0, 3.0, 9.0]}, "ref": {"x": [1.0, 2.0, 3.0]}}
+    r = compare.ratios(per_net, "x", "ref")
+    assert r == {"median": 2.0, "min": 1.5, "max": 3.0, "n": 3}
+    assert compare.summarise([5.0, 1.0, 3.0]) == {"median": 3.0, "min": 1.0, "max": 5.0, "n": 3}
+
+
+def test_the_adapter_gives_a_reference_network_the_project_signature(compare):
+    class Out:
+        def __init__(self, sample):
+            self.sample = sample
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t):
+            return Out(x * t[:, None, None, None])
+
+    x, t = torch.ones(2, 1, 28, 28), torch.tensor([2.0, 3.0])
+    out = compare.Adapter(Net(), returns_sample=True)(x, t, y=None)
+    assert torch.equal(out[:, 0, 0, 0], t)
+
+
+def test_a_missing_reference_package_names_the_requirements_file(compare, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    monkeypatch.setattr(sys, "argv", ["compare_unets.py", "--quality-minutes", "0"])
+    with pytest.raises(SystemExit) as err:
+        compare.main()
+    assert "benchmarks/requirements.txt" in str(err.value) and "diffusers" in str(err.value)
+
+
+def test_bad_counts_are_refused_in_one_line():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_unets.py"), "--repeats", "0"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "--repeats must be at least 1" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_gpu_profile_runs_end_to_end_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_profile.py"), "--presets", "mnist-gpu", "--variants",
+           "default,no-fused-adamw,math-attention", "--steps", "1", "--warmup", "1", "--batch-size", "4",
+           "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    rows = result["presets"]["mnist-gpu"]
+    assert set(rows) == {"default", "no-fused-adamw", "math-attention"}
+    for row in rows.values():
+        assert row["images_per_s"] > 0 and row["batch_size"] == 4 and row["steps"] == 1
+        assert row["peak_memory_bytes"] is None  # no CUDA: no allocator statistics
+
+
+def test_the_gpu_profile_refuses_an_unknown_variant_or_preset():
+    script = str(ROOT / "benchmarks" / "gpu_profile.py")
+    for args, words in ((["--variants", "turbo"], "unknown variants"), (["--presets", "nope"], "nope")):
+        done = subprocess.run([sys.executable, script, *args, "--device", "cpu"], capture_output=True, text=True)
+        assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr
