@@ -40,7 +40,7 @@ book-checks: $(STAMP) browser-deps
 test: unit
 	@if [ -f _toc.yml ]; then $(MAKE) --no-print-directory strict-book book-checks; fi
 
-# Optional: the reference U-Nets (diffusers, lucidrains) and the side-by-side benchmark (about 25 minutes on 2 cores).
+# Optional: the reference U-Nets (diffusers, lucidrains) and the side-by-side benchmark (about 40 minutes on 2 cores).
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP) benchmarks/requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r benchmarks/requirements.txt
