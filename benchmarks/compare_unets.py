@@ -82,18 +82,19 @@ class Adapter(nn.Module):
         return out.sample if self.returns_sample else out
 
 
-def _closest(build: Callable[[int], nn.Module], candidates, target: int) -> tuple[int, nn.Module]:
-    """The candidate width whose network has the parameter count closest to ``target``."""
-    best = min(candidates, key=lambda c: abs(count_parameters(build(c)) - target))
-    return best, build(best)
+def _closest(build: Callable[..., nn.Module], kwargs_of: Callable[[int], dict], widths, target: int):
+    """(kwargs, network) of the width whose network has the parameter count closest to ``target``."""
+    built = {w: build(**kwargs_of(w)) for w in widths}
+    best = min(built, key=lambda w: abs(count_parameters(built[w]) - target))
+    return kwargs_of(best), built[best]
 
 
 def build_networks(names=NETWORKS) -> dict[str, tuple[nn.Module, dict]]:
     """name -> (network with the project's signature, description); parameter counts are checked against ours."""
-    ours = UNet(our_config())
-    target = count_parameters(ours)
-    nets: dict[str, tuple[nn.Module, dict]] = {"ours": (ours, {"config": our_config().to_dict()})}
     cfg = our_config()
+    ours = UNet(cfg)
+    target = count_parameters(ours)
+    nets: dict[str, tuple[nn.Module, dict]] = {"ours": (ours, {"config": cfg.to_dict()})}
     if "diffusers-same" in names or "diffusers-usual" in names:
         from diffusers import UNet2DModel
 
@@ -107,26 +108,18 @@ def build_networks(names=NETWORKS) -> dict[str, tuple[nn.Module, dict]]:
             )
             nets["diffusers-same"] = (Adapter(UNet2DModel(**kwargs), True), {"kwargs": kwargs})
         if "diffusers-usual" in names:
-            def usual(c: int) -> nn.Module:
-                return UNet2DModel(**usual_kwargs(c))
-
-            def usual_kwargs(c: int) -> dict:
-                return dict(
-                    sample_size=28, in_channels=1, out_channels=1, block_out_channels=(c, 2 * c, 2 * c),
-                    layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                )
-
-            c, net = _closest(usual, range(8, 65, 8), target)
-            nets["diffusers-usual"] = (Adapter(net, True), {"kwargs": usual_kwargs(c)})
+            kwargs, net = _closest(UNet2DModel, lambda c: dict(
+                sample_size=28, in_channels=1, out_channels=1, block_out_channels=(c, 2 * c, 2 * c),
+                layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+            ), range(8, 65, 8), target)
+            nets["diffusers-usual"] = (Adapter(net, True), {"kwargs": kwargs})
     if "lucidrains" in names:
         from denoising_diffusion_pytorch import Unet
 
-        def lucid(dim: int) -> nn.Module:
-            return Unet(dim=dim, dim_mults=(1, 2, 4), channels=1)
-
-        dim, net = _closest(lucid, range(8, 49, 2), target)
-        nets["lucidrains"] = (Adapter(net, False), {"kwargs": {"dim": dim, "dim_mults": [1, 2, 4], "channels": 1}})
+        kwargs, net = _closest(Unet, lambda dim: {"dim": dim, "dim_mults": (1, 2, 4), "channels": 1},
+                               range(8, 49, 2), target)
+        nets["lucidrains"] = (Adapter(net, False), {"kwargs": kwargs})
     for name, (net, info) in nets.items():
         info["parameters"] = count_parameters(net)
         if abs(info["parameters"] - target) > TOLERANCE * target:
@@ -140,12 +133,13 @@ class Workload:
     def __init__(self, batch_size: int, sample_batch: int, device: torch.device, seed: int = 0) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.schedule = NoiseSchedule.from_name("cosine", 1000)
-        self.x0 = (torch.rand(batch_size, 1, 28, 28, generator=gen) * 2 - 1).to(device)
-        self.t = torch.randint(0, 1000, (batch_size,), generator=gen).to(device)
-        self.noise = torch.randn(batch_size, 1, 28, 28, generator=gen).to(device)
-        self.x_t = self.schedule.q_sample(self.x0.cpu(), self.t.cpu(), self.noise.cpu()).to(device)
-        self.xs = torch.randn(sample_batch, 1, 28, 28, generator=gen).to(device)
-        self.ts = torch.randint(0, 1000, (sample_batch,), generator=gen).to(device)
+        x0 = torch.rand(batch_size, 1, 28, 28, generator=gen) * 2 - 1
+        t = torch.randint(0, 1000, (batch_size,), generator=gen)
+        noise = torch.randn(batch_size, 1, 28, 28, generator=gen)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        xs = torch.randn(sample_batch, 1, 28, 28, generator=gen)
+        ts = torch.randint(0, 1000, (sample_batch,), generator=gen)
+        self.x0, self.t, self.noise, self.x_t, self.xs, self.ts = (v.to(device) for v in (x0, t, noise, x_t, xs, ts))
         self.device = device
 
 
@@ -182,30 +176,32 @@ def measure_throughput(nets: dict, work: Workload, repeats: int, steps: int, ddi
     names = list(nets)
     steps_fn = {name: training_step(net, work) for name, (net, _) in nets.items()}
     out = {name: {"train_images_per_s": [], "evals_per_s": [], "ddim50_images_per_s": []} for name in names}
-    for name in names:  # warm-up: first calls allocate and pick kernels
-        nets[name][0].train()
+
+    def rotated(rep: int) -> list[str]:  # a different network goes first in each repeat
+        return names[rep % len(names):] + names[: rep % len(names)]
+
+    for name, (net, _) in nets.items():  # warm-up: first calls allocate and pick kernels
+        net.train()
         steps_fn[name]()
         steps_fn[name]()
+        with torch.inference_mode():
+            net.eval()(work.xs, work.ts)
     for rep in range(repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for name in order:
-            net = nets[name][0].train()
+        for name in rotated(rep):
+            nets[name][0].train()
 
             def run() -> None:
                 for _ in range(steps):
                     steps_fn[name]()
 
             out[name]["train_images_per_s"].append(steps * len(work.x0) / timed(run, work.device))
-        for name in order:
+        for name in rotated(rep):
             net = nets[name][0].eval()
             with torch.inference_mode():
-                if rep == 0:
-                    net(work.xs, work.ts)
                 seconds = timed(lambda: net(work.xs, work.ts), work.device)
             out[name]["evals_per_s"].append(len(work.xs) / seconds)
     for rep in range(ddim_repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for name in order:
+        for name in rotated(rep):
             net = nets[name][0].eval()
             gen = torch.Generator(device=work.device).manual_seed(rep)
             with torch.inference_mode():
@@ -272,6 +268,7 @@ def train_for(net: nn.Module, minutes: float, device: torch.device, seed: int = 
     import copy
 
     from ddpm.data import load_dataset
+    from ddpm.losses import training_losses
     from ddpm.train import ema_decay_at, update_ema
 
     torch.manual_seed(seed)
@@ -287,10 +284,9 @@ def train_for(net: nn.Module, minutes: float, device: torch.device, seed: int = 
         x0 = x[idx]
         t = torch.randint(0, 1000, (64,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        x_t = schedule.q_sample(x0, t, noise)
         for group in opt.param_groups:
             group["lr"] = 1e-3 * min(1.0, (steps + 1) / 50)
-        loss = (net(x_t.to(device), t.to(device)) - noise.to(device)).pow(2).mean()
+        loss = training_losses(net, schedule, x0.to(device), t.to(device), noise=noise.to(device))["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
