@@ -8,7 +8,8 @@ Four networks of about the same parameter count (within 10% of ours), all predic
 * ``ours``: the ``mnist-cpu`` preset's U-Net (channels 16/32/80 at 28/14/7, one residual block per level, attention
   at 7x7, AdaGN), unconditional and with one output channel so that every network computes the same function type;
 * ``diffusers-same``: diffusers' ``UNet2DModel`` with the same layout (widths, depth, attention, scale-shift
-  conditioning), so that the ratio measures the implementation alone;
+  conditioning), so that the ratio measures the implementation alone; diffusers takes one GroupNorm group count for
+  every level, chosen so that the first level has our two channels per group;
 * ``diffusers-usual``: ``UNet2DModel`` in the layout of diffusers' own small-image examples (two residual blocks
   per level, widths c/2c/2c, attention at 14x14 and 7x7), with c chosen to match our parameter count;
 * ``lucidrains``: ``denoising_diffusion_pytorch.Unet`` with ``dim_mults=(1, 2, 4)``, ``dim`` chosen likewise.
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ddpm.schedule import NoiseSchedule
-from ddpm.unet import UNet, UNetConfig, count_parameters
+from ddpm.unet import UNet, UNetConfig, _num_groups, count_parameters
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NETWORKS = ("ours", "diffusers-same", "diffusers-usual", "lucidrains")
@@ -103,7 +103,7 @@ def build_networks(names=NETWORKS) -> dict[str, tuple[nn.Module, dict]]:
             kwargs = dict(
                 sample_size=28, in_channels=1, out_channels=1, block_out_channels=widths,
                 layers_per_block=cfg.num_res_blocks, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=math.gcd(*widths),
+                up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=_num_groups(widths[0]),
                 attention_head_dim=widths[-1] // cfg.num_heads, resnet_time_scale_shift="scale_shift", dropout=0.0,
             )
             nets["diffusers-same"] = (Adapter(UNet2DModel(**kwargs), True), {"kwargs": kwargs})

@@ -283,13 +283,23 @@ def timestep_embedding(t: torch.Tensor, dim: int, freqs: torch.Tensor | None = N
     return emb
 
 
-def _num_groups(channels: int, max_groups: int = 32) -> int:
-    """Largest number of GroupNorm groups <= max_groups that divides ``channels``."""
-    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+def _num_groups(channels: int, max_groups: int = 32, min_group_size: int = 2) -> int:
+    """Largest number of GroupNorm groups <= max_groups that divides ``channels`` and leaves at least
+    ``min_group_size`` channels in every group (one group when ``channels`` < ``min_group_size``).
+
+    The OpenAI code always uses 32 groups, which its widths (64 channels or more) allow; this rule gives the
+    same 32 there. Narrow networks need the lower bound on the group size: a group of one channel is instance
+    normalisation, which removes every channel's spatial mean, so the mean of the input cannot reach the
+    output. At high noise the mean of x_t is mostly the mean of the noise, which eps must reproduce; a network
+    that cannot pass it on leaves it in the predicted image, whose brightness then follows the mean of x_T.
+    """
+    cap = max(1, min(max_groups, channels // min_group_size))
+    return max(g for g in range(1, cap + 1) if channels % g == 0)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or with the largest divisor of ``channels`` below 32 when 32 does not divide it."""
+    """GroupNorm with 32 groups where the width allows, else the largest divisor of ``channels`` that leaves
+    at least two channels per group (see :func:`_num_groups`)."""
     return nn.GroupNorm(_num_groups(channels), channels)
 
 
