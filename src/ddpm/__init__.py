@@ -7,7 +7,7 @@ DDPM (Ho et al. 2020), Improved DDPM (Nichol & Dhariwal 2021) and guided diffusi
 ``train``, ``checkpoint``, ``presets``, ``plotting``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .checkpoint import TrainedModel, load_or_train  # noqa: E402
 from .data import load_dataset  # noqa: E402
