@@ -4,7 +4,9 @@
 
 Training goes through ``load_or_train``, so the checkpoint lands in the model cache that the book reuses
 (a second run only samples and reports the recorded training time). Prints the training wall time, training
-images per second, sampling images per second, and writes into ``benchmarks/results/``:
+images per second, sampling images per second and the samples' quality in the project's metric (the metric
+classifier's accuracy on the requested classes, FID to the training digits, spread of the mean brightness), and
+writes into ``benchmarks/results/``:
 
 * ``mnist_cpu_grid.png``: the first 100 samples, one class per column (labels cycle 0..9);
 * ``train_mnist_cpu.json``: the numbers and their provenance.
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ddpm.checkpoint import load_or_train
+from ddpm.metrics import classifier_outputs, fid_with_error, load_or_train_mnist_classifier, real_digits
 from ddpm.plotting import save_png_grid, to_uint8
 from ddpm.samplers import sample_in_batches
 
@@ -59,6 +62,17 @@ def main() -> None:
                                     guidance=guidance)
     sampling_s = time.perf_counter() - start
 
+    # How digit-like the samples are, in the project's metric (ddpm.metrics): the metric classifier's accuracy on
+    # the requested labels, the FID to the training digits, and the spread of the images' mean brightness (foggy
+    # backgrounds show up as a far wider spread than the data's).
+    classifier, _ = load_or_train_mnist_classifier()
+    out = classifier_outputs(classifier, samples)
+    accuracy = float((out["probs"].argmax(1) == labels).double().mean())
+    real = real_digits("train")[0]
+    fid = fid_with_error(out["features"], classifier_outputs(classifier, real)["features"])
+    brightness_std = float(samples.mean((1, 2, 3)).std())
+    data_brightness_std = float(real.mean((1, 2, 3)).std())
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     save_png_grid(samples[:100], RESULTS / "mnist_cpu_grid.png", nrow=10)
     if args.npz:
@@ -79,6 +93,11 @@ def main() -> None:
         "guidance_scale": args.guidance_scale,
         "sampling_wall_time_s": round(sampling_s, 1),
         "sampling_images_per_s": round(args.n / sampling_s, 2),
+        "classifier_accuracy": round(accuracy, 3),
+        "fid": round(fid["fid"], 1),
+        "fid_std": round(fid["std"], 1),
+        "brightness_std": round(brightness_std, 3),
+        "data_brightness_std": round(data_brightness_std, 3),
         "device": info["device"],
         "torch_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
@@ -91,6 +110,9 @@ def main() -> None:
           + ("" if fresh else " (recorded when the cached checkpoint was trained)"))
     print(f"sampling: {args.n} digits, DDIM {args.sampling_steps} steps in {sampling_s:.0f} s, "
           f"{args.n / sampling_s:.1f} images/s")
+    print(f"quality: the metric classifier reads {accuracy:.1%} of the digits as their requested class; "
+          f"FID {fid['fid']:.0f} +- {fid['std']:.0f} to the training digits; mean-brightness spread "
+          f"{brightness_std:.3f} (training digits {data_brightness_std:.3f})")
     print(f"grid: {RESULTS / 'mnist_cpu_grid.png'}; checkpoint {info['checkpoint_hash']}")
 
 
