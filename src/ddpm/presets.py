@@ -2,10 +2,11 @@
 
 =================  =========================================================================================
 ``toy2d``          an MLP on the 2-D swiss roll, L_simple, linear schedule; 3,000 small steps, minutes on a CPU
-``mnist-cpu``      the ``cpu`` profile's digit model: a small class-conditional U-Net (~1.1M parameters) on
-                   ``mnist5k`` with label dropout (classifier-free guidance), cosine schedule and learned
+``mnist-cpu``      the ``cpu`` profile's digit model: a small class-conditional U-Net (~1.0M parameters) on
+                   ``mnist5k`` with label dropout (classifier-free guidance), linear schedule and learned
                    variances trained with L_hybrid; about 10 minutes on two CPU cores
-``mnist-gpu``      the ``gpu`` profile's digit model: the same recipe, wider, on full MNIST, bf16
+``mnist-gpu``      the ``gpu`` profile's digit model: the same recipe, wider, on full MNIST, bf16, with the cosine
+                   schedule of Improved DDPM (it trains twenty times longer)
 ``cifar10-gpu``    a class-conditional U-Net for CIFAR-10 in the spirit of Improved DDPM's CIFAR-10 model
                    (smaller), random flips, L_hybrid, cosine schedule
 ``mnist14``        a small unconditional U-Net on the digits pooled to 14x14 (``mnist5k-14``), cosine schedule,
@@ -65,7 +66,11 @@ def _toy2d() -> TrainConfig:
 def _mnist_cpu() -> TrainConfig:
     # Sized for two CPU cores: 1,000 steps of 64 digits (64,000 images, about 14 passes over the 4,500 training
     # digits). Channels 16/32/80 at 28/14/7: most weights sit at 7x7, where a convolution costs 16 times less than
-    # at 28x28, so the network is about 1.5 times faster than 32/64/64 at the same ~1M parameters.
+    # at 28x28, so the network is about 1.5 times faster than 32/64/64 at the same ~1M parameters. The linear
+    # schedule, not the cosine one: after so few steps the samples lack coarse shape and overall brightness, which
+    # are decided near pure noise, and the linear schedule trains there about five times as often (a third of its
+    # steps have alpha_bar < 0.01, against 6.5% for the cosine schedule). On the same budget it halved the FID
+    # of conditional DDIM-50 samples and raised the metric classifier's accuracy on them.
     return TrainConfig(
         name="mnist-cpu",
         model_type="unet",
@@ -76,7 +81,7 @@ def _mnist_cpu() -> TrainConfig:
             "resblock_updown": False,
         },
         dataset="mnist5k",
-        schedule="cosine",
+        schedule="linear",
         T=1000,
         loss_type="hybrid",
         batch_size=64,
