@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from ddpm.checkpoint import load_or_train
-from ddpm.metrics import classifier_outputs, fid_with_error, load_or_train_mnist_classifier, real_digits
+from ddpm.metrics import (classifier_outputs, conditional_accuracy, fid_with_error, load_or_train_mnist_classifier,
+                          real_digits)
 from ddpm.plotting import save_png_grid, to_uint8
 from ddpm.samplers import sample_in_batches
 
@@ -67,7 +68,7 @@ def main() -> None:
     # backgrounds show up as a far wider spread than the data's).
     classifier, _ = load_or_train_mnist_classifier()
     out = classifier_outputs(classifier, samples)
-    accuracy = float((out["probs"].argmax(1) == labels).double().mean())
+    accuracy = conditional_accuracy(out["probs"], labels)
     real = real_digits("train")[0]
     fid = fid_with_error(out["features"], classifier_outputs(classifier, real)["features"])
     brightness_std = float(samples.mean((1, 2, 3)).std())
