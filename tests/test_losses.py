@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ddpm.losses import (ImportanceSampler, UniformSampler, discretized_gaussian_log_likelihood,
+from ddpm.losses import (ImportanceSampler, UniformSampler, discretized_gaussian_log_likelihood, min_snr_weight,
                          model_log_variance, normal_kl, p_mean_variance, prior_bpd, training_losses,
                          vb_terms_bpd)
 from ddpm.schedule import NoiseSchedule
@@ -24,6 +24,44 @@ def test_discretized_decoder_matches_normal_cdf_differences():
     cdf = lambda z: 0.5 * (1 + math.erf((z - mean) / (sd * math.sqrt(2))))  # noqa: E731
     expected = [cdf(-1 + 1 / 255), cdf(x[1].item() + 1 / 255) - cdf(x[1].item() - 1 / 255), 1 - cdf(1 - 1 / 255)]
     assert torch.allclose(logp.exp(), torch.tensor(expected, dtype=torch.float64), rtol=1e-9)
+
+
+def test_discretized_decoder_agrees_with_the_clamped_formula_at_ordinary_values():
+    # OpenAI's formula: log of each CDF difference clamped at 1e-12; where no clamp acts, the two must agree
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randint(0, 256, (2000,), generator=g).double() / 127.5 - 1)
+    means = x + 0.05 * torch.randn(2000, generator=g, dtype=torch.float64)
+    log_scales = torch.empty(2000, dtype=torch.float64).uniform_(-4, -1, generator=g)
+    inv = torch.exp(-log_scales)
+    cdf_plus, cdf_min = torch.special.ndtr(inv * (x - means + 1 / 255)), torch.special.ndtr(inv * (x - means - 1 / 255))
+    clamped = torch.where(x < -0.999, cdf_plus.clamp(min=1e-12).log(),
+                          torch.where(x > 0.999, (1 - cdf_min).clamp(min=1e-12).log(),
+                                      (cdf_plus - cdf_min).clamp(min=1e-12).log()))
+    ours = discretized_gaussian_log_likelihood(x, means, log_scales)
+    ordinary = clamped > math.log(1e-6)
+    assert ordinary.sum() > 1500
+    assert torch.allclose(ours[ordinary], clamped[ordinary], rtol=1e-7, atol=1e-9)
+
+
+def test_discretized_decoder_is_exact_and_consistent_in_the_tails():
+    # a mean 0.5 away with sigma e^-6: z is about 200, far beyond any clamp; every bin must follow the Gaussian
+    # tail, log P ~ log(phi(z) dz), edge bins and interior bins alike (a clamp would stop interior bins at -27.6)
+    sd = math.exp(-6.0)
+    d = 0.5
+    x = torch.tensor([-1.0, -1.0 + 40 / 127.5, 0.2, 1.0], dtype=torch.float64)
+    for sign in (1.0, -1.0):
+        means = x + sign * d
+        logp = discretized_gaussian_log_likelihood(x, means, torch.full_like(x, math.log(sd)))
+        assert torch.isfinite(logp).all()
+        z_near = (d - 1 / 255) / sd  # the bin edge nearest the mean
+        expected = -0.5 * z_near ** 2 - math.log(z_near * math.sqrt(2 * math.pi))  # Mills' ratio tail of Phi
+        # the open-ended edge bin on the mean's side holds almost all the mass
+        tail = slice(0, 3) if sign > 0 else slice(1, 4)
+        assert torch.allclose(logp[tail], torch.full((3,), expected, dtype=torch.float64), rtol=1e-3)
+        assert abs(float(logp[3 if sign > 0 else 0])) < 1e-12
+    # float32 inputs give float32 outputs, still finite
+    out = discretized_gaussian_log_likelihood(x.float(), (x + d).float(), torch.full((4,), -6.0))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
 def test_normal_kl_closed_form_and_zero_for_equal():
@@ -163,3 +201,32 @@ def test_importance_sampler_switches_on_after_history_and_stays_unbiased():
     for _ in range(10):
         sampler.update(torch.tensor([0]), torch.tensor([3.0]))
     assert torch.equal(sampler.loss_history[0], torch.full((10,), 3.0, dtype=torch.float64))
+
+
+def test_min_snr_weight_is_one_on_noisy_steps_and_gamma_over_snr_on_clean_ones():
+    s = NoiseSchedule.linear(T=1000)
+    t = torch.arange(1000)
+    w = min_snr_weight(s, t, 5.0).double()
+    snr = s.alpha_bar / (1 - s.alpha_bar)
+    assert torch.allclose(w, torch.where(snr <= 5.0, torch.ones_like(snr), 5.0 / snr), rtol=1e-6)
+    assert w[-1] == 1.0 and w[0] < 1e-3  # t = 0 is almost clean: SNR about 1e4
+    # the x_0-space weight SNR * w is min(SNR, gamma): the clamp of Hang et al. (2023)
+    assert torch.allclose(snr * w, snr.clamp(max=5.0), rtol=1e-6)
+    with pytest.raises(ValueError, match="gamma must be a positive number"):
+        min_snr_weight(s, t, 0.0)
+
+
+@pytest.mark.parametrize("loss_type", ["simple", "hybrid"])
+def test_min_snr_weights_only_the_eps_mse(loss_type):
+    s = NoiseSchedule.cosine(T=50)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 2 if loss_type == "hybrid" else 1, 3, padding=1)
+    model = lambda x, t, y=None: conv(x)  # noqa: E731
+    x0, t, noise = torch.rand(6, 1, 4, 4) * 2 - 1, torch.tensor([0, 5, 10, 25, 40, 49]), torch.randn(6, 1, 4, 4)
+    plain = training_losses(model, s, x0, t, noise=noise, loss_type=loss_type)
+    weighted = training_losses(model, s, x0, t, noise=noise, loss_type=loss_type, snr_gamma=5.0)
+    w = min_snr_weight(s, t, 5.0)
+    assert torch.allclose(weighted["mse"], plain["mse"])  # the logged MSE stays the plain one
+    bound = plain["loss"] - plain["mse"]  # zero for simple, lambda T L_t for hybrid
+    assert torch.allclose(weighted["loss"], w * plain["mse"] + bound, atol=1e-6)
+    assert not torch.allclose(weighted["loss"], plain["loss"])

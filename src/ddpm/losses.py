@@ -6,6 +6,8 @@
 * The reverse-process variance: fixed (beta_t or beta-tilde_t) or learned by interpolation in the log
   domain (Nichol & Dhariwal 2021, Eq. 15), and ``L_hybrid = L_simple + lambda L_vlb`` with a stop-gradient
   on the mean inside the bound term (their Sec. 3.1).
+* Min-SNR-gamma weighting of the noise MSE (Hang et al. 2023): ``min(SNR(t), gamma) / SNR(t)``, which
+  stops the many low-noise steps, easy and nearly useless for sampling, from dominating the gradient.
 * Importance sampling of t for ``L_vlb`` (their Sec. 3.3).
 
 The derivations are in the book: ``theory/ddpm.md`` and ``theory/improved_ddpm.md``.
@@ -24,7 +26,7 @@ from .schedule import NoiseSchedule, randn_like
 __all__ = [
     "VAR_TYPES", "LOSS_TYPES", "mean_flat", "normal_kl", "discretized_gaussian_log_likelihood",
     "resolve_var_type", "split_output", "model_log_variance", "p_mean_variance", "prior_bpd", "vb_terms_bpd",
-    "training_losses", "UniformSampler", "ImportanceSampler",
+    "training_losses", "min_snr_weight", "UniformSampler", "ImportanceSampler",
 ]
 
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
@@ -43,22 +45,39 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
 
 
+def _log_normal_interval(lower: Tensor, upper: Tensor) -> Tensor:
+    """log(Phi(upper) - Phi(lower)) for standardised edges lower < upper, accurate deep in either tail.
+
+    The interval is reflected, when its middle is positive, into the left tail, where ``log_ndtr`` keeps full
+    relative precision; the difference is then ``a + log(1 - exp(b - a))`` with ``a >= b`` the two log-CDFs.
+    """
+    flip = (lower + upper) > 0
+    lo, hi = torch.where(flip, -upper, lower), torch.where(flip, -lower, upper)
+    a, b = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    return a + torch.log(-torch.expm1(b - a))
+
+
 def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
     """log p(x) under a Gaussian discretised to 256 bins on [-1, 1] (Ho et al. 2020, Eq. 13).
 
     x: data scaled from uint8 {0, ..., 255} to [-1, 1], so bins have width 2/255 and edges at x +- 1/255;
     the first and last bins extend to -inf and +inf. log_scales is log sigma. Returns elementwise log
-    probabilities in nats, shaped like x.
+    probabilities in nats, shaped like x (float64 inside).
+
+    Every bin is computed the same way, without clamping: the edge bins by ``log_ndtr`` and the interior bins by
+    :func:`_log_normal_interval`, both exact far into the tails. (OpenAI's code clamps each probability at 1e-12,
+    which caps the loss of a badly placed mean at 27.6 nats; at ordinary values the two agree.)
     """
-    centered = x - means
-    inv_std = torch.exp(-log_scales)
+    x64, m64, s64 = x.double(), means.double(), log_scales.double()
+    centered = x64 - m64
+    inv_std = torch.exp(-s64)
     upper = inv_std * (centered + 1.0 / 255.0)
     lower = inv_std * (centered - 1.0 / 255.0)
     log_cdf_upper = torch.special.log_ndtr(upper)            # log P(X <= upper edge), for the first bin
     log_one_minus_cdf_lower = torch.special.log_ndtr(-lower)  # log P(X > lower edge), for the last bin
-    cdf_delta = torch.special.ndtr(upper) - torch.special.ndtr(lower)
-    log_delta = torch.log(cdf_delta.clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_one_minus_cdf_lower, log_delta))
+    log_delta = _log_normal_interval(lower, upper)
+    out = torch.where(x64 < -0.999, log_cdf_upper, torch.where(x64 > 0.999, log_one_minus_cdf_lower, log_delta))
+    return out.to(torch.promote_types(x.dtype, means.dtype))
 
 
 def resolve_var_type(var_type: str | None, model_output: Tensor, x_t: Tensor) -> str:
@@ -152,9 +171,23 @@ def vb_terms_bpd(schedule: NoiseSchedule, model_output: Tensor, x0: Tensor, x_t:
     return torch.where(t == 0, decoder_nll, kl)
 
 
+def min_snr_weight(schedule: NoiseSchedule, t: Tensor, gamma: float) -> Tensor:
+    """Min-SNR-gamma weights ``min(SNR(t), gamma) / SNR(t)`` [N] for the eps MSE (Hang et al. 2023, Sec. 3.4).
+
+    For eps-prediction the MSE in x_0 equals the eps MSE divided by SNR(t); clamping the x_0 weight SNR(t) at
+    gamma and dividing by SNR(t) gives this factor: 1 where SNR(t) <= gamma (the noisy steps), gamma / SNR(t)
+    below 1 where the image is almost clean.
+    """
+    if not (isinstance(gamma, (int, float)) and gamma > 0):
+        raise ValueError(f"gamma must be a positive number, got {gamma!r}")
+    snr = schedule.snr(t).to(t.device)
+    return (snr.clamp(max=gamma) / snr).float()
+
+
 def training_losses(model, schedule: NoiseSchedule, x0: Tensor, t: Tensor, *, y: Tensor | None = None,
                     noise: Tensor | None = None, loss_type: str = "simple", var_type: str | None = None,
-                    lambda_vlb: float = 1e-3, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                    lambda_vlb: float = 1e-3, snr_gamma: float | None = None,
+                    generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Per-example losses [N] for a batch x0 [N, ...] at 0-based steps t [N].
 
     * ``"simple"``: L_simple = ||eps - eps_theta(x_t, t)||^2, averaged over dimensions (Ho et al. Eq. 14,
@@ -163,7 +196,8 @@ def training_losses(model, schedule: NoiseSchedule, x0: Tensor, t: Tensor, *, y:
       T terms, so its one-sample estimate at a uniform t is T * L_t; the bound term sees a detached mean.
       Needs a learned variance.
     * ``"vlb"``: T * L_t, the one-sample estimate of the whole bound (minus the constant prior term).
-    The model is called as model(x_t, timestep_map[t], y). Returns ``loss``, ``mse`` and, for the bound, ``vb``.
+    ``snr_gamma``: weight the eps MSE by :func:`min_snr_weight` (``mse`` stays unweighted, the bound term of
+    ``"hybrid"`` is untouched, so the variance is still learned from the bound). The model is called as model(x_t, timestep_map[t], y). Returns ``loss``, ``mse`` and, for the bound, ``vb``.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
@@ -173,8 +207,9 @@ def training_losses(model, schedule: NoiseSchedule, x0: Tensor, t: Tensor, *, y:
     model_output = model(x_t, schedule.timestep_map.to(t.device)[t], y)
     eps, v = split_output(model_output, x_t)
     terms = {"mse": mean_flat((noise - eps.float()) ** 2)}
+    mse = terms["mse"] if snr_gamma is None else terms["mse"] * min_snr_weight(schedule, t, snr_gamma)
     if loss_type == "simple":
-        terms["loss"] = terms["mse"]
+        terms["loss"] = mse
         return terms
     var_type = resolve_var_type(var_type, model_output, x_t)
     if loss_type == "hybrid" and (v is None or var_type != "learned_range"):
@@ -183,7 +218,7 @@ def training_losses(model, schedule: NoiseSchedule, x0: Tensor, t: Tensor, *, y:
     terms["vb"] = vb_terms_bpd(schedule, model_output.float(), x0, x_t, t, var_type,
                                detach_mean=(loss_type == "hybrid"))
     if loss_type == "hybrid":
-        terms["loss"] = terms["mse"] + lambda_vlb * schedule.T * terms["vb"]
+        terms["loss"] = mse + lambda_vlb * schedule.T * terms["vb"]
     else:
         terms["loss"] = schedule.T * terms["vb"]
     return terms
