@@ -16,19 +16,32 @@ def test_mnist5k_splits_are_fixed_balanced_and_disjoint():
     x_all, y_all = load_dataset("mnist5k", split="all")
     x_tr, y_tr = load_dataset("mnist5k")
     x_te, y_te = load_dataset("mnist5k", split="test")
-    assert x_all.shape == (5000, 1, 28, 28) and x_tr.shape == (4500, 1, 28, 28) and x_te.shape == (500, 1, 28, 28)
+    assert x_all.shape == (5000, 1, 28, 28) and x_tr.shape == (4000, 1, 28, 28) and x_te.shape == (1000, 1, 28, 28)
     assert x_all.dtype == torch.float32 and y_all.dtype == torch.int64
-    assert torch.bincount(y_te).tolist() == [50] * 10 and torch.bincount(y_tr).tolist() == [450] * 10
+    assert torch.bincount(y_te).tolist() == [100] * 10 and torch.bincount(y_tr).tolist() == [400] * 10
     assert x_all.min() == -1.0 and x_all.max() == 1.0
     # pixels are p / 127.5 - 1 for integers p in 0..255
     p = (x_all + 1) * 127.5
     assert torch.allclose(p, p.round(), atol=1e-4)
-    # the test split is the last 50 digits of every class, in order
+    # the test split is the last 100 digits of every class, the train split the rest (as sets)
     for c in range(10):
-        members = x_all[y_all == c]
-        assert torch.equal(x_te[y_te == c], members[-50:])
-        assert torch.equal(x_tr[y_tr == c], members[:-50])
+        members = x_all[y_all == c].flatten(1)
+        for part, rows in ((x_te, members[-100:]), (x_tr, members[:-100])):
+            mine = part[(y_te if part is x_te else y_tr) == c].flatten(1)
+            assert torch.equal(torch.unique(mine, dim=0), torch.unique(rows, dim=0))
     assert torch.equal(load_dataset("mnist5k", split="test", n=7)[0], x_te[:7])
+    # fixed shuffled order, the same on every call
+    assert torch.equal(load_dataset("mnist5k", split="test")[1], y_te)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("n", [25, 50, 100, 200])
+def test_mnist5k_subsets_used_by_metrics_are_not_class_sorted(split, n):
+    # any prefix a metric takes holds many classes in roughly their share (sorted storage gave one class)
+    _, y = load_dataset("mnist5k", split=split)
+    counts = torch.bincount(y[:n], minlength=10)
+    assert (counts > 0).sum() >= min(10, n // 5)
+    assert counts.max() <= max(6, 0.3 * n)
 
 
 def test_mnist5k_14_is_the_same_digits_pooled_to_8_bit_levels():
@@ -41,7 +54,7 @@ def test_mnist5k_14_is_the_same_digits_pooled_to_8_bit_levels():
     block_mean = (x28.double() + 1).mul(127.5).unfold(2, 2, 2).unfold(3, 2, 2).mean((-1, -2))
     assert (p - block_mean).abs().max() <= 0.5 + 1e-3  # float32 storage
     x_te, y_te = load_dataset("mnist5k-14", split="test")
-    assert x_te.shape == (500, 1, 14, 14) and torch.equal(y_te, load_dataset("mnist5k", split="test")[1])
+    assert x_te.shape == (1000, 1, 14, 14) and torch.equal(y_te, load_dataset("mnist5k", split="test")[1])
 
 
 @pytest.mark.parametrize("name", ["swiss_roll", "moons", "gaussian_mixture"])
@@ -165,9 +178,32 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch):
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(FashionMNIST, "download", offline)
-    with pytest.raises(DatasetUnavailable, match=r"cannot be downloaded \(.*name resolution.*\); .* use the offline "
-                                                 r"dataset 'mnist5k'"):
+    with pytest.raises(DatasetUnavailable, match=r"cannot be downloaded \(.*name resolution.*\); set DDPM_PROFILE=cpu "
+                                                 r"to use the offline digits 'mnist5k', or set DDPM_DATA to a folder "
+                                                 r"that already holds the files"):
         load_dataset("fashion-mnist", root=tmp_path)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_only_rank_0_downloads_and_the_others_wait(tmp_path, monkeypatch, rank):
+    import torch.distributed as dist
+    import torchvision.datasets
+
+    events = []
+
+    class FakeMNIST:
+        def __init__(self, root, train, download):
+            events.append(("open", download))
+            self.data = torch.zeros(2, 28, 28, dtype=torch.uint8)
+            self.targets = [3, 4]
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    monkeypatch.setattr(data, "_distributed_rank", lambda: rank)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: events.append(("barrier",)))
+    x, y = load_dataset("mnist", root=tmp_path)
+    assert y.tolist() == [3, 4]
+    # rank 0 may download, then releases the others; they read only after the barrier, never downloading
+    assert events == ([("open", True), ("barrier",)] if rank == 0 else [("barrier",), ("open", False)])
 
 
 def test_default_root(monkeypatch, tmp_path):

