@@ -210,6 +210,26 @@ def test_evaluate_samples_on_npz_and_report(tmp_path):
         M.evaluate_images(torch.zeros(4, 3, 32, 32), classifier=model, train_data=train, test_data=test)
 
 
+def test_the_reported_floor_is_held_out_digits_not_two_draws_of_the_reference():
+    train, test = _synthetic_digits(200, 0), _synthetic_digits(100, 1)
+    cfg = M.MNISTClassifierConfig(channels=(4, 8), feature_dim=16, epochs=12, batch_size=50, lr=1e-2, max_shift=0)
+    model, info = M.train_mnist_classifier(cfg, train_data=train, test_data=test)
+    # held-out digits that differ from the training digits (dimmer squares): a floor drawn from the reference
+    # alone cannot see that, the held-out floor must
+    dim = (test[0].clamp(max=-0.3), test[1])
+    result = M.evaluate_images(_synthetic_digits(60, 2)[0], classifier=model, classifier_info=info, train_data=train,
+                               test_data=dim, n_draws=3, memorisation=False, inception=False)
+    ref = M.classifier_outputs(model, train[0])["features"]
+    held = M.classifier_outputs(model, dim[0])["features"]
+    assert result["fid_floor_n"] == 60
+    two_draws = M.fid_floor(ref, 60)["fid"]
+    expected = M.heldout_floor(held, ref, 60)["fid"]
+    assert expected > 3 * two_draws
+    assert result["fid_floor"] == pytest.approx(expected, rel=0.3)
+    # heldout_floor is fid_with_error of a random subset of n held-out features
+    assert M.heldout_floor(held, ref, 500)["n"] == len(held)
+
+
 def test_metric_classifier_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path))
     data = {"train": _synthetic_digits(100, 3), "test": _synthetic_digits(50, 4)}
