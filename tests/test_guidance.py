@@ -268,9 +268,22 @@ def test_noise_aware_classifier_learns_and_loses_accuracy_with_noise(tmp_path):
         grad = ClassifierGuidance(clf, 3.0).cond_grad(xe[:4], torch.full((4,), 150), ye[:4])
     assert grad.shape == (4, 1, 8, 8) and grad.abs().sum() > 0
     # save / load round trip
-    path = save_classifier(clf, tmp_path / "clf.safetensors", info={"accuracy_by_quartile": acc})
-    loaded = load_classifier(path)
+    path = save_classifier(clf, tmp_path / "clf.safetensors", info={"accuracy_by_quartile": acc}, schedule=schedule)
+    loaded = load_classifier(path, schedule=schedule)
     assert loaded.config == cfg and loaded.info["accuracy_by_quartile"] == acc
+    assert loaded.schedule_record == {"name": "linear", "T": 200, "betas_sum": round(float(schedule.betas.sum()), 12),
+                                      "betas_last": round(float(schedule.betas[-1]), 12)}
+    # a classifier trained for another schedule, or another T, is refused in one line that names both
+    for other in (NoiseSchedule.cosine(T=200), NoiseSchedule.linear(T=1000)):
+        with pytest.raises(ValueError, match=r"trained for the linear schedule with T=200, but the model uses") as err:
+            load_classifier(path, schedule=other)
+        assert "\n" not in str(err.value)
+    from ddpm.checkpoint import save_weights
+
+    unrecorded = save_weights(tmp_path / "old.safetensors", clf.state_dict(),
+                              {"model": "NoiseAwareClassifier", "config": cfg.to_dict(), "info": {}})
+    with pytest.raises(ValueError, match="does not record the noise schedule"):
+        load_classifier(unrecorded, schedule=schedule)
     t = torch.tensor([0, 50, 100, 199])
     with torch.no_grad():
         assert torch.equal(loaded(xe[:4], t), clf(xe[:4], t))

@@ -322,24 +322,45 @@ def train_noise_aware_classifier(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def save_classifier(classifier: NoiseAwareClassifier, path, info: dict | None = None) -> Path:
-    """Write the classifier's weights and configuration (and a JSON-ready ``info``) to one safetensors file."""
+def schedule_record(schedule) -> dict:
+    """What identifies the noise schedule a classifier was trained for: its name, T and a fingerprint of its betas."""
+    return {"name": getattr(schedule, "name", None), "T": int(schedule.T),
+            "betas_sum": round(float(schedule.betas.sum()), 12), "betas_last": round(float(schedule.betas[-1]), 12)}
+
+
+def save_classifier(classifier: NoiseAwareClassifier, path, info: dict | None = None, *, schedule) -> Path:
+    """Write the classifier's weights and configuration, the schedule it was trained for (:func:`schedule_record`)
+    and a JSON-ready ``info`` to one safetensors file."""
     from .checkpoint import save_weights
 
-    meta = {"model": "NoiseAwareClassifier", "config": classifier.config.to_dict(), "info": info or {}}
+    meta = {"model": "NoiseAwareClassifier", "config": classifier.config.to_dict(), "info": info or {},
+            "schedule": schedule_record(schedule)}
     return save_weights(path, classifier.state_dict(), meta)
 
 
-def load_classifier(path, device=None) -> NoiseAwareClassifier:
-    """Read a file written by :func:`save_classifier`; returns the classifier in eval mode with ``.info`` set."""
+def load_classifier(path, device=None, *, schedule=None) -> NoiseAwareClassifier:
+    """Read a file written by :func:`save_classifier`; returns the classifier in eval mode with ``.info`` and
+    ``.schedule_record`` set. With ``schedule``, a classifier trained for another schedule or T is refused: its
+    notion of how noisy x_t is at step t would be wrong, and its gradients with it."""
     from .checkpoint import load_weights
 
     tensors, meta = load_weights(path)
     if meta.get("model") != "NoiseAwareClassifier":
         raise ValueError(f"path: {path} is not a noise-aware classifier checkpoint (holds {meta.get('model')!r})")
+    record = meta.get("schedule")
+    if schedule is not None:
+        wanted = schedule_record(schedule)
+        if record is None:
+            raise ValueError(f"{path} does not record the noise schedule it was trained for; retrain it with "
+                             "ddpm.guidance.load_or_train_classifier for this model's schedule")
+        if record != wanted:
+            raise ValueError(f"{path} was trained for the {record['name']} schedule with T={record['T']}, but the "
+                             f"model uses {wanted['name']} with T={wanted['T']}; train a classifier for this "
+                             "schedule (ddpm.guidance.load_or_train_classifier)")
     classifier = NoiseAwareClassifier(NoiseAwareClassifierConfig(**meta["config"]))
     classifier.load_state_dict(tensors)
     classifier.info = meta.get("info", {})
+    classifier.schedule_record = record
     return classifier.to(device or "cpu").eval()
 
 
@@ -367,12 +388,11 @@ def load_or_train_classifier(
     config = config or NoiseAwareClassifierConfig()
     key = {
         "classifier": config.to_dict(), "dataset": dataset, "steps": steps, "batch_size": batch_size, "lr": lr,
-        "seed": seed, "T": schedule.T, "betas_sum": round(float(schedule.betas.sum()), 12),
-        "betas_last": round(float(schedule.betas[-1]), 12),
+        "seed": seed, "schedule": schedule_record(schedule),
     }
     path = cache_dir() / f"noise-aware-classifier-{config_hash(key)}.safetensors"
     if cache and path.is_file():
-        return load_classifier(path, device)
+        return load_classifier(path, device, schedule=schedule)
     torch.manual_seed(seed)
     classifier = NoiseAwareClassifier(config).to(device or "cpu")
     x, y = load_dataset(dataset, split="train")
@@ -382,6 +402,7 @@ def load_or_train_classifier(
     info = {"accuracy_by_quartile": result["accuracy_by_quartile"], "steps": steps, "seconds": result["seconds"],
             "final_loss": sum(result["loss"][-50:]) / len(result["loss"][-50:]), "dataset": dataset}
     if cache:
-        save_classifier(classifier, path, info)
+        save_classifier(classifier, path, info, schedule=schedule)
     classifier.info = info
+    classifier.schedule_record = schedule_record(schedule)
     return classifier.eval()
