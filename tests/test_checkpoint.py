@@ -1,6 +1,7 @@
 """Checkpoints: safetensors round trips, atomic writes, clear errors, training states, the load_or_train cache."""
 
 import json
+from pathlib import Path
 import os
 import pickle
 import random
@@ -181,6 +182,34 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no half-written directory left
     assert ck.load_training_state(tmp_path / "run")["state"]["step"] == 2
+
+
+def test_every_rename_is_made_durable_before_the_old_checkpoint_goes(tmp_path, monkeypatch):
+    trainer = Trainer(toy_config(), data=toy_data(), progress=False)
+    trainer.fit(steps=2)
+    trainer.save(tmp_path / "run")
+    trainer.fit(steps=4)
+    events = []
+    real_replace, real_fsync, real_rmtree = os.replace, ck._fsync, ck.shutil.rmtree
+    monkeypatch.setattr(ck.os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b)))
+    monkeypatch.setattr(ck, "_fsync", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p)))
+    monkeypatch.setattr(ck.shutil, "rmtree",
+                        lambda p, **kw: (events.append(("rmtree", Path(p).name)), real_rmtree(p, **kw)))
+    trainer.save(tmp_path / "run")
+    monkeypatch.undo()
+    parent = tmp_path.name
+    swap = [i for i, e in enumerate(events) if e == ("replace", "run")]
+    assert len(swap) == 1
+    after = events[swap[0] + 1:]
+    # the folder holding the checkpoint is synced after the new one moves in, and before the old one is deleted
+    assert after[0] == ("fsync", parent) and after[1][0] == "rmtree" and after[1][1].startswith(".run.old-")
+    # the old checkpoint was set aside durably too, and every file rename inside was followed by a sync
+    aside = [i for i, e in enumerate(events) if e[0] == "replace" and e[1].startswith(".run.old-")]
+    assert aside and events[aside[0] + 1] == ("fsync", parent)
+    for i, e in enumerate(events):
+        if e[0] == "replace" and e[1].endswith((".json", ".safetensors")):
+            assert events[i + 1][0] == "fsync", events[i: i + 2]
+    assert ck.load_training_state(tmp_path / "run")["state"]["step"] == 4
 
 
 def test_swap_interrupted_between_renames_is_recovered(tmp_path):

@@ -149,6 +149,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself is durable only once the folder is synced
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -372,12 +373,17 @@ def save_training_state(
         save_weights(tmp / "rng.safetensors", rng_tensors, config)
         save_weights(tmp / "extra.safetensors", dict(extra_tensors or {}), config)
         _write_json(tmp / STATE_FILE, {**dict(state), "rng": rng_meta, "config_hash": digest})
-        # Swap: set the old checkpoint aside, move the new one in, then delete the old one.
+        # Swap: set the old checkpoint aside, move the new one in, then delete the old one. Each rename is made
+        # durable (the parent folder synced) before the next step, so a power cut leaves the old checkpoint or
+        # the new one on disk, never neither.
+        _fsync(tmp)
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{int(time.time() * 1e6):020d}")
             os.replace(directory, old)
+            _fsync(directory.parent)
         os.replace(tmp, directory)
+        _fsync(directory.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
