@@ -132,6 +132,31 @@ def test_sample_png_and_npz(tmp_path, capsys, image_ckpt):
         assert f.files == ["arr_0"]  # unconditional samples carry no labels
 
 
+@pytest.mark.parametrize("var_type", ["fixed_large", "fixed_small"])
+def test_ancestral_sampling_uses_the_variance_the_model_was_trained_with(tmp_path, capsys, monkeypatch, var_type):
+    import ddpm.samplers as samplers
+
+    from ddpm.data import load_dataset
+
+    x, y = load_dataset("mnist5k", split="test", n=16)
+    model = {**TINY_UNET, "learn_sigma": False, "num_classes": None}
+    config = TrainConfig(name="cli-var", model=model, dataset="mnist5k", schedule="cosine", T=10,
+                         loss_type="simple", var_type=var_type, batch_size=8, steps=1)
+    Trainer(config, out_dir=tmp_path / "run", data=(x, None), progress=False).fit()
+    seen = []
+    real = samplers.ddpm_sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("var_type"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(samplers, "ddpm_sample", spy)
+    code, _, err = run(capsys, "sample", "--checkpoint", tmp_path / "run", "--sampler", "ddpm", "--n", 2,
+                       "--out", tmp_path / "s.npz")
+    assert code == 0, err
+    assert seen == [var_type]
+
+
 def test_to_uint8_matches_the_evaluation_format():
     from ddpm.plotting import to_uint8  # what `sample --out FILE.npz` writes
 

@@ -82,6 +82,9 @@ def test_config_round_trips_through_json():
     ({"model": {**TINY_UNET, "colour": 1}}, "unknown UNetConfig keys"),
     ({"model_type": "mlp"}, "unknown MLPConfig keys"),
     ({"compile": "yes"}, "compile must be True or False"),
+    ({"lr_decay": "step"}, "lr_decay must be one of constant, cosine"),
+    ({"snr_gamma": 0.0}, "snr_gamma must be None or a positive number"),
+    ({"snr_gamma": 5.0, "loss_type": "vlb"}, "snr_gamma weights the eps MSE"),
 ])
 def test_bad_configs_are_refused_with_the_field_named(change, message):
     with pytest.raises(ValueError, match=message):
@@ -147,6 +150,40 @@ def test_learning_rate_warm_up():
     assert [trainer.lr_at(s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     trainer.fit(steps=5)
     assert trainer.history["lr"] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+def test_cosine_learning_rate_decay_ends_at_a_tenth_and_fixes_the_step_count():
+    config = toy_config(warmup_steps=2, lr=1e-3, lr_decay="cosine", steps=12)
+    trainer = Trainer(config, progress=False)
+    lrs = [trainer.lr_at(s) for s in range(12)]
+    assert lrs[:3] == pytest.approx([5e-4, 1e-3, 1e-3])  # warm-up, then the top of the cosine
+    assert lrs[-1] == pytest.approx(train_mod.FINAL_LR_FRACTION * 1e-3)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # never rises after the warm-up
+    mid = 2 + (12 - 1 - 2) / 2  # half-way along the cosine: the mean of the two ends
+    assert trainer.lr_at(int(mid)) > trainer.lr_at(int(mid) + 1)
+    assert train_mod.resume_free_keys(config) == ("checkpoint_every", "preview_every", "log_every")
+    assert "steps" in train_mod.resume_free_keys(toy_config())
+
+
+def test_cosine_decay_run_cannot_be_resumed_with_another_step_count(tmp_path):
+    config = toy_config(lr_decay="cosine", steps=6)
+    Trainer(config, out_dir=tmp_path / "run", progress=False).fit(steps=3)
+    longer = Trainer(dataclasses.replace(config, steps=10), out_dir=tmp_path / "run", progress=False)
+    with pytest.raises(Exception, match="steps"):
+        longer.load()
+
+
+def test_min_snr_weighting_reaches_the_trainer(digits, monkeypatch):
+    seen = {}
+    real = train_mod.training_losses
+
+    def spy(*args, **kwargs):
+        seen["snr_gamma"] = kwargs.get("snr_gamma")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "training_losses", spy)
+    Trainer(unet_config(snr_gamma=5.0, steps=1), data=digits, progress=False).fit()
+    assert seen["snr_gamma"] == 5.0
 
 
 def test_every_example_once_per_epoch_and_fresh_order_next_epoch():

@@ -127,7 +127,7 @@ def _device(name):
 def cmd_train(args) -> int:
     from .checkpoint import check_config, read_checkpoint_header
     from .presets import get_preset
-    from .train import RESUME_FREE_KEYS, Trainer, TrainingDiverged, setup_distributed
+    from .train import Trainer, TrainingDiverged, resume_free_keys, setup_distributed
 
     try:
         config = get_preset(args.preset, **({} if args.steps is None else {"steps": args.steps}))
@@ -140,7 +140,7 @@ def cmd_train(args) -> int:
     if not args.resume and exists:
         raise UsageError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
     if args.resume:  # a clear error for a broken or foreign checkpoint before anything is built
-        check_config(out, read_checkpoint_header(out)["config"], config.to_dict(), ignore=RESUME_FREE_KEYS)
+        check_config(out, read_checkpoint_header(out)["config"], config.to_dict(), ignore=resume_free_keys(config))
     distributed = setup_distributed()
     device = _device(args.device) if args.device else None
     trainer = Trainer(config, out_dir=out, device=device, progress=False if args.no_progress else None,
@@ -213,7 +213,7 @@ def cmd_sample(args) -> int:
         from .guidance import load_classifier
 
         try:
-            classifier = load_classifier(args.classifier, device=device)
+            classifier = load_classifier(args.classifier, device=device, schedule=schedule)
         except (ValueError, OSError, TypeError) as exc:
             raise UsageError(f"--classifier: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     # labels come from the model's classes, or from the classifier's for an unconditional model
@@ -246,10 +246,12 @@ def cmd_sample(args) -> int:
         y = (torch.full((args.n,), args.label, dtype=torch.long) if args.label is not None
              else torch.arange(args.n) % num_classes).to(device)
     generator = torch.Generator(device).manual_seed(args.seed)
+    # ancestral steps use the variance the model was trained with (fixed_large, fixed_small or learned)
+    variance = {"var_type": config.resolved_var_type} if args.sampler == "ddpm" else {}
     with torch.no_grad():
         x = sample_in_batches(model, schedule, info.shape, args.n, batch_size=args.batch_size, y=y,
                               sampler=args.sampler, steps=args.steps, generator=generator, guidance=guidance,
-                              device=device)
+                              device=device, **variance)
     if suffix == ".png":
         from .plotting import save_png_grid
 
