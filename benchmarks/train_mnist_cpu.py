@@ -1,14 +1,24 @@
-"""Benchmark: train the ``mnist-cpu`` preset, then draw 1,000 digits with DDIM in 50 steps.
+"""Benchmark: train the ``mnist-cpu`` preset, then check it against its targets.
 
-    python benchmarks/train_mnist_cpu.py [--steps N] [--n 1000] [--sampling-steps 50] [--guidance-scale W]
+    python benchmarks/train_mnist_cpu.py [--steps N] [--n 1000] [--sampling-steps 50]
 
 Training goes through ``load_or_train``, so the checkpoint lands in the model cache that the book reuses
-(a second run only samples and reports the recorded training time). Prints the training wall time, training
-images per second, sampling images per second and the samples' quality in the project's metric (the metric
-classifier's accuracy on the requested classes, FID to the training digits, spread of the mean brightness), and
-writes into ``benchmarks/results/``:
+(a second run only samples and reports the recorded training time). Then, with DDIM in ``--sampling-steps`` steps:
 
-* ``mnist_cpu_grid.png``: the first 100 samples, one class per column (labels cycle 0..9);
+* ``--n`` unconditional samples (the null label) and their FID to the training digits in the project's metric,
+  against the real-data floor at the same n (as many held-out digits, scored the same way);
+* ``--n`` conditional samples (w = 0, labels 0..9 in turn) and the metric classifier's accuracy on them.
+
+It prints each target of the preset with its measured value and whether it is met:
+
+* training takes at most 12 minutes;
+* unconditional FID at most twice the floor;
+* conditional accuracy at least 95%;
+
+and writes into ``benchmarks/results/``:
+
+* ``mnist_cpu_grid.png``: 100 unconditional samples, 10x10;
+* ``mnist_cpu_grid_conditional.png``: the first 100 conditional samples, one class per column;
 * ``train_mnist_cpu.json``: the numbers and their provenance.
 """
 
@@ -23,12 +33,14 @@ from pathlib import Path
 import torch
 
 from ddpm.checkpoint import load_or_train
-from ddpm.metrics import (classifier_outputs, conditional_accuracy, fid_with_error, load_or_train_mnist_classifier,
-                          real_digits)
+from ddpm.metrics import (classifier_outputs, conditional_accuracy, fid_with_error, heldout_floor,
+                          load_or_train_mnist_classifier, real_digits)
 from ddpm.plotting import save_png_grid, to_uint8
 from ddpm.samplers import sample_in_batches
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: The preset's targets: training minutes, unconditional FID over the real-data floor, conditional accuracy.
+MAX_TRAIN_MIN, MAX_FID_OVER_FLOOR, MIN_ACCURACY = 12.0, 2.0, 0.95
 
 
 def main() -> None:
@@ -36,7 +48,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     parser.add_argument("--n", type=int, default=1000, help="samples to draw (default 1000)")
     parser.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps (default 50)")
-    parser.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance w (default 0)")
     parser.add_argument("--batch-size", type=int, default=250, help="samples per sampler call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--npz", action="store_true", help="also save the samples as mnist_cpu_samples.npz")
@@ -49,37 +60,43 @@ def main() -> None:
     train_images_per_s = info["steps"] * config.batch_size / info["wall_time_s"]
 
     model, schedule = trained.model, trained.schedule
-    guidance = None
-    if args.guidance_scale > 0:
-        from ddpm.guidance import ClassifierFreeGuidance
-
-        guidance = ClassifierFreeGuidance(args.guidance_scale)
     generator = torch.Generator().manual_seed(args.seed)
     labels = torch.arange(args.n) % 10
+    draw = dict(batch_size=args.batch_size, sampler="ddim", steps=args.sampling_steps, generator=generator)
     start = time.perf_counter()
     with torch.inference_mode():
-        samples = sample_in_batches(model, schedule, (1, 28, 28), args.n, batch_size=args.batch_size, y=labels,
-                                    sampler="ddim", steps=args.sampling_steps, generator=generator,
-                                    guidance=guidance)
+        uncond = sample_in_batches(model, schedule, (1, 28, 28), args.n, **draw)
     sampling_s = time.perf_counter() - start
+    with torch.inference_mode():
+        samples = sample_in_batches(model, schedule, (1, 28, 28), args.n, y=labels, **draw)
 
-    # How digit-like the samples are, in the project's metric (ddpm.metrics): the metric classifier's accuracy on
-    # the requested labels, the FID to the training digits, and the spread of the images' mean brightness (foggy
-    # backgrounds show up as a far wider spread than the data's).
+    # How digit-like the samples are, in the project's metric (ddpm.metrics): FID of the unconditional samples to
+    # the training digits against held-out real digits scored the same way, the metric classifier's accuracy on the
+    # requested labels, and the spread of the images' mean brightness (foggy backgrounds widen it).
     classifier, _ = load_or_train_mnist_classifier()
-    out = classifier_outputs(classifier, samples)
-    accuracy = conditional_accuracy(out["probs"], labels)
+    accuracy = conditional_accuracy(classifier_outputs(classifier, samples)["probs"], labels)
     real = real_digits("train")[0]
-    fid = fid_with_error(out["features"], classifier_outputs(classifier, real)["features"])
-    brightness_std = float(samples.mean((1, 2, 3)).std())
+    reference = classifier_outputs(classifier, real)["features"]
+    fid = fid_with_error(classifier_outputs(classifier, uncond)["features"], reference)
+    floor = heldout_floor(classifier_outputs(classifier, real_digits("test")[0])["features"], reference, args.n)
+    brightness_std = float(uncond.mean((1, 2, 3)).std())
     data_brightness_std = float(real.mean((1, 2, 3)).std())
+    train_min = info["wall_time_s"] / 60
+    targets = {
+        "training minutes": (train_min, f"<= {MAX_TRAIN_MIN:g}", train_min <= MAX_TRAIN_MIN),
+        "unconditional FID / floor": (fid["fid"] / floor["fid"], f"<= {MAX_FID_OVER_FLOOR:g}",
+                                      fid["fid"] <= MAX_FID_OVER_FLOOR * floor["fid"]),
+        "conditional accuracy": (accuracy, f">= {MIN_ACCURACY:g}", accuracy >= MIN_ACCURACY),
+    }
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    save_png_grid(samples[:100], RESULTS / "mnist_cpu_grid.png", nrow=10)
+    save_png_grid(uncond[:100], RESULTS / "mnist_cpu_grid.png", nrow=10)
+    save_png_grid(samples[:100], RESULTS / "mnist_cpu_grid_conditional.png", nrow=10)
     if args.npz:
         import numpy as np
 
         np.savez(RESULTS / "mnist_cpu_samples.npz", arr_0=to_uint8(samples), arr_1=labels.numpy())
+        np.savez(RESULTS / "mnist_cpu_samples_unconditional.npz", arr_0=to_uint8(uncond))
 
     report = {
         "preset": info["preset"],
@@ -91,12 +108,14 @@ def main() -> None:
         "trained_in_this_run": fresh,
         "samples": args.n,
         "sampler": f"DDIM, {args.sampling_steps} steps, eta 0",
-        "guidance_scale": args.guidance_scale,
         "sampling_wall_time_s": round(sampling_s, 1),
         "sampling_images_per_s": round(args.n / sampling_s, 2),
-        "classifier_accuracy": round(accuracy, 3),
-        "fid": round(fid["fid"], 1),
-        "fid_std": round(fid["std"], 1),
+        "conditional_accuracy": round(accuracy, 4),
+        "unconditional_fid": round(fid["fid"], 2),
+        "unconditional_fid_std": round(fid["std"], 2),
+        "floor_fid": round(floor["fid"], 2),
+        "floor_fid_std": round(floor["std"], 2),
+        "targets": {name: {"value": round(v, 3), "target": t, "met": bool(ok)} for name, (v, t, ok) in targets.items()},
         "brightness_std": round(brightness_std, 3),
         "data_brightness_std": round(data_brightness_std, 3),
         "device": info["device"],
@@ -109,12 +128,16 @@ def main() -> None:
     print(f"mnist-cpu: {info['parameters']:,} parameters, {info['steps']} steps of batch {config.batch_size}")
     print(f"training: {info['wall_time_s'] / 60:.1f} min, {train_images_per_s:.0f} images/s on {info['device']}"
           + ("" if fresh else " (recorded when the cached checkpoint was trained)"))
-    print(f"sampling: {args.n} digits, DDIM {args.sampling_steps} steps in {sampling_s:.0f} s, "
+    print(f"sampling: {args.n} unconditional digits, DDIM {args.sampling_steps} steps in {sampling_s:.0f} s, "
           f"{args.n / sampling_s:.1f} images/s")
-    print(f"quality: the metric classifier reads {accuracy:.1%} of the digits as their requested class; "
-          f"FID {fid['fid']:.0f} +- {fid['std']:.0f} to the training digits; mean-brightness spread "
+    print(f"unconditional FID {fid['fid']:.1f} +- {fid['std']:.1f} to the training digits; real-data floor "
+          f"{floor['fid']:.1f} +- {floor['std']:.1f} ({floor['n']} held-out digits); mean-brightness spread "
           f"{brightness_std:.3f} (training digits {data_brightness_std:.3f})")
-    print(f"grid: {RESULTS / 'mnist_cpu_grid.png'}; checkpoint {info['checkpoint_hash']}")
+    print(f"conditional (w = 0): the metric classifier reads {accuracy:.1%} of {args.n} digits as their requested class")
+    for name, (value, target, ok) in targets.items():
+        print(f"target {name:<27} {value:8.3f}  {target:<7} {'met' if ok else 'NOT met'}")
+    print(f"grids: {RESULTS / 'mnist_cpu_grid.png'} (unconditional), {RESULTS / 'mnist_cpu_grid_conditional.png'}; "
+          f"checkpoint {info['checkpoint_hash']}")
 
 
 if __name__ == "__main__":
