@@ -1,6 +1,6 @@
 """Benchmark: sample quality of the ``mnist-cpu`` model and the fidelity/diversity trade-off of guidance.
 
-Prints, for the cached ``mnist-cpu`` model (trained by ``ddpm.checkpoint.load_or_train``):
+Prints, for the cached ``mnist-cpu`` model (trained by ``ddpm.cache.load_or_train``):
 
 1. FID in the project's classifier feature space (with its error bar and the real-vs-real floor), mean
    classifier confidence and class-histogram entropy of unconditional DDIM samples (default 1,000, 50 steps);
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm import checkpoint, metrics
+from ddpm import cache, checkpoint, metrics
 from ddpm.guidance import (ClassifierFreeGuidance, ClassifierGuidance, NoiseAwareClassifierConfig,
                            load_or_train_classifier)
 from ddpm.presets import get_preset
@@ -45,7 +45,7 @@ from ddpm.schedule import NoiseSchedule
 def cached_model_ready(preset: str) -> Path | None:
     """The cache folder of a finished training run of ``preset``, or None while it is missing or unfinished."""
     config = get_preset(preset)
-    directory = checkpoint.cache_dir() / f"{preset}-{checkpoint.config_hash(config.to_dict())}"
+    directory = cache.cache_dir() / f"{preset}-{checkpoint.config_hash(config.to_dict())}"
     state = directory / "state.json"
     if not (directory / "config.json").is_file() or not state.is_file():
         return None
@@ -126,18 +126,18 @@ def main(argv=None) -> int:
     results: dict = {"settings": vars(args) | {"json": str(args.json) if args.json else None}}
 
     if args.checkpoint is not None:
-        model, config, state = checkpoint.load_model(args.checkpoint)
+        model, config, state = cache.load_model(args.checkpoint)
         schedule = NoiseSchedule.from_name(config.schedule, config.T)
         print(f"model: checkpoint {args.checkpoint}, {state.get('step')} training steps")
     else:
         deadline = time.time() + args.wait
         while cached_model_ready(args.preset) is None and not args.train:
             if time.time() >= deadline:
-                print(f"the {args.preset} model is not in {checkpoint.cache_dir()} yet; run the training benchmark "
+                print(f"the {args.preset} model is not in {cache.cache_dir()} yet; run the training benchmark "
                       "first, pass --wait SECONDS, or --train", file=sys.stderr)
                 return 1
             time.sleep(30)
-        trained = checkpoint.load_or_train(args.preset, progress=False)
+        trained = cache.load_or_train(args.preset, progress=False)
         model, schedule = trained.model, trained.schedule
         print(f"model: {trained.provenance()}")
     print(f"sampler: DDIM, eta 0, {args.steps} steps; torch threads {torch.get_num_threads()}")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm.checkpoint import load_or_train
+from ddpm.cache import load_or_train
 from ddpm.metrics import (classifier_outputs, conditional_accuracy, fid_with_error, heldout_floor,
                           load_or_train_mnist_classifier, real_digits)
 from ddpm.plotting import save_png_grid, to_uint8

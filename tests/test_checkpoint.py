@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm import cache
 from ddpm import checkpoint as ck
 from ddpm.checkpoint import CheckpointError, config_hash, load_weights, save_weights
 from ddpm.train import TrainConfig, Trainer
@@ -67,12 +68,12 @@ def test_config_hash_is_stable_and_sensitive(monkeypatch):
 
 
 def test_cache_dir_and_project_root(monkeypatch, tmp_path):
-    root = ck.project_root()
+    root = cache.project_root()
     assert (root / "pyproject.toml").is_file() and (root / "src" / "ddpm").is_dir()
     monkeypatch.delenv("DDPM_CACHE", raising=False)
-    assert ck.cache_dir() == root / ".cache" / "ddpm"
+    assert cache.cache_dir() == root / ".cache" / "ddpm"
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "c"))
-    assert ck.cache_dir() == tmp_path / "c"
+    assert cache.cache_dir() == tmp_path / "c"
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "garbage", "empty", "header-only"])
@@ -245,7 +246,7 @@ def test_unusable_training_checkpoints(tmp_path, damage):
         ck.load_training_state(run)
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
     with pytest.raises(CheckpointError):
-        ck.load_model(run, ema=False)
+        cache.load_model(run, ema=False)
 
 
 def test_resume_refuses_another_configuration(tmp_path):
@@ -268,7 +269,7 @@ def test_load_or_train_trains_once_then_reuses(tmp_path, monkeypatch):
     import ddpm.train as train_mod
 
     config = toy_config(dataset="moons", steps=5)
-    first = ck.load_or_train(config, cache_dir=tmp_path, progress=False)
+    first = cache.load_or_train(config, cache_dir=tmp_path, progress=False)
     digest = config_hash(config.to_dict())
     assert first.path == tmp_path / f"tiny-toy-{digest}"
     assert first.info["checkpoint_hash"] == digest and first.info["steps"] == 5
@@ -282,19 +283,19 @@ def test_load_or_train_trains_once_then_reuses(tmp_path, monkeypatch):
         raise AssertionError("a cached model must not be trained again")
 
     monkeypatch.setattr(train_mod.Trainer, "fit", no_training)
-    again = ck.load_or_train(config.to_dict(), cache_dir=tmp_path)
+    again = cache.load_or_train(config.to_dict(), cache_dir=tmp_path)
     for k, v in first.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[k], v)
     assert again.history == first.history and again.info["wall_time_s"] == first.info["wall_time_s"]
     monkeypatch.undo()
 
     # another number of steps is another model
-    shorter = ck.load_or_train(config, steps=3, cache_dir=tmp_path, progress=False)
+    shorter = cache.load_or_train(config, steps=3, cache_dir=tmp_path, progress=False)
     assert shorter.info["steps"] == 3 and shorter.path != first.path
     with pytest.raises(ValueError, match="steps must be a positive integer"):
-        ck.load_or_train(config, steps=0, cache_dir=tmp_path)
+        cache.load_or_train(config, steps=0, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
-        ck.load_or_train("nope", cache_dir=tmp_path)
+        cache.load_or_train("nope", cache_dir=tmp_path)
 
 
 def test_load_or_train_resumes_an_interrupted_run(tmp_path):
@@ -303,7 +304,7 @@ def test_load_or_train_resumes_an_interrupted_run(tmp_path):
     digest = config_hash(config.to_dict())
     partial = Trainer(config, out_dir=tmp_path / f"tiny-toy-{digest}", progress=False)
     partial.fit(steps=4)  # as if Ctrl-C had stopped it at step 4
-    result = ck.load_or_train(config, cache_dir=tmp_path, progress=False)
+    result = cache.load_or_train(config, cache_dir=tmp_path, progress=False)
     assert result.info["steps"] == 6
     for k, v in reference.ema.state_dict().items():
         assert torch.equal(result.model.state_dict()[k], v)
@@ -313,18 +314,18 @@ def test_load_or_train_leaves_the_global_random_state_alone(tmp_path):
     torch.manual_seed(42)
     expected = torch.rand(3)
     torch.manual_seed(42)
-    ck.load_or_train(toy_config(steps=2), cache_dir=tmp_path, progress=False)  # trains
+    cache.load_or_train(toy_config(steps=2), cache_dir=tmp_path, progress=False)  # trains
     assert torch.equal(torch.rand(3), expected)
     torch.manual_seed(42)
-    ck.load_or_train(toy_config(steps=2), cache_dir=tmp_path, progress=False)  # cached
+    cache.load_or_train(toy_config(steps=2), cache_dir=tmp_path, progress=False)  # cached
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_load_or_train_replaces_a_corrupt_cache_entry(tmp_path):
     config = toy_config(steps=2)
-    first = ck.load_or_train(config, cache_dir=tmp_path, progress=False)
+    first = cache.load_or_train(config, cache_dir=tmp_path, progress=False)
     (first.path / "ema.safetensors").write_bytes(b"\x00" * 10)
-    again = ck.load_or_train(config, cache_dir=tmp_path, progress=False)
+    again = cache.load_or_train(config, cache_dir=tmp_path, progress=False)
     for k, v in first.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[k], v)  # retrained, with the same seed: the same weights
     load_weights(again.path / "ema.safetensors")  # and the file is whole again
@@ -332,10 +333,10 @@ def test_load_or_train_replaces_a_corrupt_cache_entry(tmp_path):
 
 def test_preview_samples_survive_the_cache_and_a_resume(tmp_path):
     config = toy_config(steps=6, preview_every=2)
-    first = ck.load_or_train(config, cache_dir=tmp_path, progress=False)
+    first = cache.load_or_train(config, cache_dir=tmp_path, progress=False)
     assert [step for step, _ in first.previews] == [2, 4, 6]
     assert all(images.shape == (16, 2) for _, images in first.previews)
-    again = ck.load_or_train(config, cache_dir=tmp_path, progress=False)  # from the cache
+    again = cache.load_or_train(config, cache_dir=tmp_path, progress=False)  # from the cache
     assert [step for step, _ in again.previews] == [2, 4, 6]
     for (_, a), (_, b) in zip(first.previews, again.previews):
         assert torch.equal(a, b)
@@ -343,6 +344,6 @@ def test_preview_samples_survive_the_cache_and_a_resume(tmp_path):
     digest = config_hash(config.to_dict())
     directory = tmp_path / "resume" / f"tiny-toy-{digest}"
     Trainer(config, out_dir=directory, progress=False).fit(steps=4)
-    resumed = ck.load_or_train(config, cache_dir=tmp_path / "resume", progress=False)
+    resumed = cache.load_or_train(config, cache_dir=tmp_path / "resume", progress=False)
     assert [step for step, _ in resumed.previews] == [2, 4, 6]
     assert torch.equal(resumed.previews[0][1], first.previews[0][1])

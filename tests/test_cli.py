@@ -242,5 +242,5 @@ def test_train_without_the_dataset_is_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(MNIST, "download", offline)
     err = assert_usage_error(capsys, "train", "--preset", "mnist-gpu", "--out", tmp_path / "run", "--data-root",
-                             tmp_path / "data", match="use the offline dataset 'mnist5k'")
+                             tmp_path / "data", match="set DDPM_PROFILE=cpu to use the offline digits 'mnist5k'")
     assert "no network" in err and not (tmp_path / "run").exists()

@@ -23,7 +23,8 @@ from ddpm.guidance import (
 )
 from ddpm.samplers import Guidance, ddim_sample, ddpm_sample
 from ddpm.schedule import NoiseSchedule
-from ddpm.unet import MLP, MLPConfig, UNet, UNetConfig
+from ddpm.mlp import MLP, MLPConfig
+from ddpm.unet import UNet, UNetConfig
 
 # ---------------------------------------------------------------------------------------------------------
 # 2-D Gaussian mixture with analytic classifier and oracle denoiser

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm import digit_classifier
 from ddpm import metrics as M
 
 
@@ -233,7 +234,7 @@ def test_the_reported_floor_is_held_out_digits_not_two_draws_of_the_reference():
 def test_metric_classifier_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path))
     data = {"train": _synthetic_digits(100, 3), "test": _synthetic_digits(50, 4)}
-    monkeypatch.setattr(M, "real_digits", lambda split="train", dataset="mnist5k": data[split])
+    monkeypatch.setattr(digit_classifier, "real_digits", lambda split="train", dataset="mnist5k": data[split])
     cfg = M.MNISTClassifierConfig(channels=(4, 8), feature_dim=16, epochs=1, batch_size=50)
     model, info = M.load_or_train_mnist_classifier(cfg)
     assert info["path"] is not None and 0 <= info["test_accuracy"] <= 1
@@ -241,7 +242,7 @@ def test_metric_classifier_is_cached(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the cached classifier should have been loaded")
 
-    monkeypatch.setattr(M, "train_mnist_classifier", no_training)
+    monkeypatch.setattr(digit_classifier, "train_mnist_classifier", no_training)
     again, info2 = M.load_or_train_mnist_classifier(cfg)
     assert info2["test_accuracy"] == info["test_accuracy"]
     x = data["test"][0][:5]

@@ -47,7 +47,7 @@ def test_imports_the_package_and_glues_its_numbers(path):
     assert "from ddpm" in code or "import ddpm" in code, f"{path.name} does not use the ddpm package"
     prose = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "markdown")
     for key in re.findall(r"\{glue:text\}`([A-Za-z0-9_]+)", prose):
-        assert f'glue("{key}"' in code or f"glue(f\"" in code, f"{path.name}: prose pastes {key!r}, never glued"
+        assert f'glue("{key}"' in code or "glue(f\"" in code, f"{path.name}: prose pastes {key!r}, never glued"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

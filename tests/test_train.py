@@ -9,7 +9,9 @@ import signal
 import pytest
 import torch
 
+import ddpm.callbacks as callbacks_mod
 import ddpm.train as train_mod
+import ddpm.trainconfig as trainconfig
 from ddpm import presets
 from ddpm.checkpoint import load_training_state
 from ddpm.data import load_dataset
@@ -157,7 +159,7 @@ def test_cosine_learning_rate_decay_ends_at_a_tenth_and_fixes_the_step_count():
     trainer = Trainer(config, progress=False)
     lrs = [trainer.lr_at(s) for s in range(12)]
     assert lrs[:3] == pytest.approx([5e-4, 1e-3, 1e-3])  # warm-up, then the top of the cosine
-    assert lrs[-1] == pytest.approx(train_mod.FINAL_LR_FRACTION * 1e-3)
+    assert lrs[-1] == pytest.approx(trainconfig.FINAL_LR_FRACTION * 1e-3)
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # never rises after the warm-up
     mid = 2 + (12 - 1 - 2) / 2  # half-way along the cosine: the mean of the two ends
     assert trainer.lr_at(int(mid)) > trainer.lr_at(int(mid) + 1)
@@ -326,10 +328,10 @@ def test_progress_rule(monkeypatch):
     monkeypatch.setenv("DDPM_PROGRESS", "0")
     assert progress_enabled() is False and progress_enabled(True) is True
     monkeypatch.delenv("DDPM_PROGRESS")
-    monkeypatch.setattr(train_mod, "_in_book_build", lambda: True)
+    monkeypatch.setattr(callbacks_mod, "_in_book_build", lambda: True)
     assert progress_enabled() is False
-    monkeypatch.setattr(train_mod, "_in_book_build", lambda: False)
-    monkeypatch.setattr(train_mod, "_in_notebook", lambda: False)
+    monkeypatch.setattr(callbacks_mod, "_in_book_build", lambda: False)
+    monkeypatch.setattr(callbacks_mod, "_in_notebook", lambda: False)
 
     class Pipe:
         def isatty(self):
@@ -354,7 +356,7 @@ def test_book_build_is_recognised_from_the_parent_process(tmp_path):
         pytest.skip("ancestor detection reads /proc (Linux)")
     fake = tmp_path / "jupyter-book"
     fake.write_text("import subprocess, sys\n"
-                    "code = 'from ddpm.train import _batch_ancestor; print(_batch_ancestor())'\n"
+                    "code = 'from ddpm.callbacks import _batch_ancestor; print(_batch_ancestor())'\n"
                     "sys.exit(subprocess.run([sys.executable, '-c', code]).returncode)\n")
     env = {k: v for k, v in os.environ.items() if k != "DDPM_PROGRESS"}
     out = subprocess.run([sys.executable, str(fake), "build", "."], capture_output=True, text=True, env=env,

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm.mlp import MLP, MLPConfig
 from ddpm.unet import (
-    MLP,
     AttentionBlock,
-    MLPConfig,
     ResBlock,
     UNet,
     UNetConfig,

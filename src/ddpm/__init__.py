@@ -2,14 +2,16 @@
 
 DDPM (Ho et al. 2020), Improved DDPM (Nichol & Dhariwal 2021) and guided diffusion (Dhariwal & Nichol
 2021), written to be read beside the book that derives each piece. Modules, one idea each:
-``schedule`` (forward process), ``unet`` (the network), ``losses`` (objectives and the bound's terms),
-``samplers`` (ancestral, respaced, DDIM), ``likelihood`` (bits/dim), ``guidance``, ``metrics``, ``data``,
-``train``, ``checkpoint``, ``presets``, ``plotting``.
+``schedule`` (forward process), ``blocks``, ``unet`` and ``mlp`` (the networks), ``losses`` (objectives and the
+bound's terms), ``samplers`` (ancestral, respaced, DDIM), ``likelihood`` (bits/dim), ``guidance``,
+``digit_classifier``, ``fid``, ``memorisation`` and ``metrics`` (evaluation), ``samplefiles``, ``data``, ``paths``,
+``trainconfig``, ``optim``, ``callbacks``, ``train`` and ``resume`` (training), ``checkpoint`` (files), ``cache``
+(trained models, above the trainer), ``presets``, ``plotting``.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
-from .checkpoint import TrainedModel, load_or_train  # noqa: E402
+from .cache import TrainedModel, load_or_train  # noqa: E402
 from .data import load_dataset  # noqa: E402
 from .presets import get_preset, mnist_preset, profile  # noqa: E402
 from .schedule import NoiseSchedule  # noqa: E402

@@ -191,7 +191,7 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from .checkpoint import load_model
+    from .cache import load_model
     from .data import dataset_info
     from .samplers import sample_in_batches
     from .schedule import NoiseSchedule
@@ -274,7 +274,7 @@ def cmd_sample(args) -> int:
 def cmd_nll(args) -> int:
     import torch
 
-    from .checkpoint import load_model
+    from .cache import load_model
     from .data import DatasetUnavailable, load_dataset
     from .likelihood import nll_bits_per_dim, nll_estimate
     from .schedule import NoiseSchedule

@@ -1,6 +1,7 @@
-"""Checkpoints: safetensors weights with a JSON configuration, atomic writes, exact resume, and a cache.
+"""Checkpoint files: safetensors weights with a JSON configuration, atomic and durable writes, exact resume.
 
-Three layers, from small to large:
+File I/O only: nothing here builds a network or trains one (that is ``ddpm.cache``, which sits above the
+trainer). Two layers:
 
 * ``save_weights`` / ``load_weights``: one ``.safetensors`` file holding a dict of tensors, with the JSON
   configuration stored in the file's metadata. Loading never unpickles anything.
@@ -15,10 +16,8 @@ Three layers, from small to large:
   ``state.json``            step, wall time, loss history, Python and NumPy random states, extra state
   ========================  ==========================================================================
 
-  The directory is written next to its final place and swapped in with ``os.replace``, so a crash while
-  saving leaves the previous checkpoint intact.
-* ``load_or_train``: a trained model for a preset or a ``TrainConfig``, trained only when no cached
-  checkpoint matches the configuration hash (which includes the package version).
+  The directory is written next to its final place and swapped in with ``os.replace``, each rename synced to
+  disk, so a crash or a power cut while saving leaves the previous checkpoint intact.
 
 Every failure to read a checkpoint (missing, truncated, corrupt, trained with another configuration) raises
 :class:`CheckpointError`, a ``ValueError`` whose one-line message names the file and the fix.
@@ -26,7 +25,6 @@ Every failure to read a checkpoint (missing, truncated, corrupt, trained with an
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -42,15 +40,11 @@ import torch
 
 __all__ = [
     "CheckpointError",
-    "TrainedModel",
-    "cache_dir",
     "config_hash",
-    "load_model",
-    "load_or_train",
     "load_training_state",
     "load_weights",
     "package_version",
-    "project_root",
+    "previews_from_extra",
     "save_training_state",
     "save_weights",
     "check_config",
@@ -68,7 +62,7 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Where things live
+# Versions and hashes
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -80,27 +74,6 @@ def package_version() -> str:
         return version("ddpm")
     except Exception:  # not installed (e.g. run from a source tree on sys.path)
         return "0+unknown"
-
-
-def project_root() -> Path:
-    """The folder holding ``pyproject.toml`` above this package (``src/ddpm/..``), else the working directory."""
-    here = Path(__file__).resolve().parent
-    for folder in here.parents:
-        if (folder / "pyproject.toml").is_file():
-            return folder
-    return Path.cwd()
-
-
-def cache_dir() -> Path:
-    """The model cache: ``$DDPM_CACHE`` if set, else ``<project root>/.cache/ddpm``. Not created here."""
-    return _cache_root()
-
-
-def _cache_root() -> Path:
-    env = os.environ.get("DDPM_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return project_root() / ".cache" / "ddpm"
 
 
 def _canonical_json(obj: Any) -> str:
@@ -465,181 +438,6 @@ def load_training_state(
         "extra": extra,
     }
 
-
-def _load_network(directory: Path, file: str, config) -> torch.nn.Module:
-    """The network of ``config`` with the weights of ``directory / file``, in eval mode on the CPU."""
-    from .train import build_model
-
-    weights, _ = load_weights(directory / file)
-    model = build_model(config)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {directory} does not fit its configured network ({first}); train it again") from None
-    return model.eval()
-
-
-def load_model(directory: str | os.PathLike, *, ema: bool = True, device: str | torch.device | None = None):
-    """Rebuild the network of a training checkpoint: returns ``(model in eval mode, TrainConfig, state dict)``.
-
-    ``ema=True`` loads the exponential moving average of the weights (what sampling should use).
-    """
-    from .train import TrainConfig
-
-    directory = Path(directory)
-    header = read_checkpoint_header(directory)
-    try:
-        config = TrainConfig.from_dict(header["config"])
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint {directory} holds an unusable configuration: {exc}") from None
-    model = _load_network(directory, "ema.safetensors" if ema else "model.safetensors", config)
-    if device is not None:
-        model.to(device)
-    state = _read_json(directory / STATE_FILE)
-    state.pop("rng", None)
-    return model, config, state
-
-
-# ---------------------------------------------------------------------------------------------------------
-# load_or_train
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class TrainedModel:
-    """A trained model as notebooks use it.
-
-    ``model``: the EMA network in eval mode (use it for sampling); ``raw_model``: the raw weights;
-    ``schedule``: the training ``NoiseSchedule``; ``config``: the ``TrainConfig``; ``history``: losses
-    (see ``ddpm.train.Trainer.history``); ``info``: provenance (profile, device, steps, wall time in
-    seconds, checkpoint hash, preset name, parameter count, checkpoint path); ``previews``: the samples
-    drawn during training, ``[(step, images [16, C, H, W] in [-1, 1])]``.
-    """
-
-    model: torch.nn.Module
-    raw_model: torch.nn.Module
-    schedule: Any
-    config: Any
-    history: dict
-    info: dict
-    path: Path | None = None
-    previews: list = dataclasses.field(default_factory=list)
-
-    def provenance(self) -> str:
-        """One line for the caption under a figure of samples."""
-        i = self.info
-        minutes = i.get("wall_time_s", float("nan")) / 60.0
-        return (
-            f"preset {i.get('preset')}, profile {i.get('profile')}, trained on {i.get('device')} for "
-            f"{i.get('steps')} steps ({minutes:.1f} min), checkpoint {i.get('checkpoint_hash')}"
-        )
-
-
-def _resolve_config(preset_or_config):
-    from .presets import get_preset
-    from .train import TrainConfig
-
-    if isinstance(preset_or_config, str):
-        return preset_or_config, get_preset(preset_or_config)
-    if isinstance(preset_or_config, TrainConfig):
-        return preset_or_config.name, preset_or_config
-    if isinstance(preset_or_config, Mapping):
-        config = TrainConfig.from_dict(dict(preset_or_config))
-        return config.name, config
-    raise ValueError(
-        f"preset_or_config must be a preset name, a TrainConfig or a dict, got {type(preset_or_config).__name__}"
-    )
-
-
-def load_or_train(
-    preset_or_config,
-    *,
-    steps: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool | None = None,
-    callbacks: Iterable[Any] = (),
-    device: str | torch.device | None = None,
-) -> TrainedModel:
-    """A trained model for a preset name, ``TrainConfig`` or config dict; trains only on a cache miss.
-
-    The checkpoint lives in ``<cache>/<name>-<config hash>/`` where the cache is ``cache_dir``, else
-    ``$DDPM_CACHE``, else ``<project root>/.cache/ddpm``; the hash covers the whole configuration and the
-    package version, so any change trains a new model and a rebuild reuses the old one. A run that was
-    interrupted (Ctrl-C) is resumed exactly. ``steps`` overrides the configuration's number of steps.
-    The global random generators (torch, Python, NumPy) are left as they were found, so a notebook draws the
-    same numbers afterwards whether the model was cached or trained.
-    """
-    from .train import Trainer
-
-    name, config = _resolve_config(preset_or_config)
-    if steps is not None:
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        config = dataclasses.replace(config, steps=steps)
-    config.validate()
-    root = Path(cache_dir) if cache_dir is not None else _cache_root()
-    digest = config_hash(config.to_dict())
-    directory = root / f"{name}-{digest}"
-    _recover(directory)
-
-    # Building and training a network draws from the global random generators; put them back afterwards so that
-    # a notebook behaves the same whether its model came from the cache or was just trained.
-    rng_tensors, rng_meta = capture_rng_state()
-    try:
-        if (directory / CONFIG_FILE).exists():
-            try:
-                cached = _finished_model(directory, config, name, digest, device)
-            except CheckpointError:
-                cached = None  # an unusable entry (e.g. a truncated file) is trained again below
-            if cached is not None:
-                return cached
-        trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress, preset=name)
-        if (directory / CONFIG_FILE).exists():
-            try:
-                trainer.load(directory)  # an interrupted run: resume it exactly
-            except CheckpointError:
-                trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress,
-                                  preset=name)
-        trainer.fit()
-        return trainer.trained_model(digest)
-    finally:
-        restore_rng_state(rng_tensors, rng_meta)
-
-
-def _finished_model(directory: Path, config, name: str, digest: str, device) -> TrainedModel | None:
-    """The cached model of a finished run in ``directory`` (None when the run stopped early)."""
-    from .presets import profile
-    from .schedule import NoiseSchedule
-    from .unet import count_parameters
-
-    header = read_checkpoint_header(directory)
-    check_config(directory, header["config"], config.to_dict())
-    state = _read_json(directory / STATE_FILE)
-    if int(state.get("step", -1)) < config.steps:
-        return None
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = []
-    for file in ("ema.safetensors", "model.safetensors"):
-        models.append(_load_network(directory, file, config).to(device))
-    info = {
-        "preset": name,
-        "profile": profile(),
-        "device": state.get("device"),
-        "steps": int(state["step"]),
-        "wall_time_s": float(state.get("wall_time_s", float("nan"))),
-        "checkpoint_hash": digest,
-        "parameters": count_parameters(models[0]),
-        "dataset": config.dataset,
-        "batch_size": config.batch_size,
-        "ddpm_version": header.get("ddpm_version"),
-        "path": str(directory),
-    }
-    extra, _ = load_weights(directory / "extra.safetensors")
-    return TrainedModel(model=models[0], raw_model=models[1], schedule=NoiseSchedule.from_name(config.schedule, config.T),
-                        config=config, history=state.get("history", {}), info=info, path=directory,
-                        previews=previews_from_extra(extra))
 
 
 def previews_from_extra(extra: Mapping[str, Any]) -> list:

@@ -92,7 +92,7 @@ def data_root() -> Path:
     env = os.environ.get("DDPM_DATA")
     if env:
         return Path(env).expanduser()
-    from .checkpoint import project_root
+    from .paths import project_root
 
     return project_root() / ".cache" / "data"
 

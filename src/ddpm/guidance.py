@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .samplers import Guidance
-from .unet import _check_t, _config_to_dict, _frequencies, group_norm, timestep_embedding
+from .blocks import _check_t, _config_to_dict, _frequencies, group_norm, timestep_embedding
 
 __all__ = [
     "ClassifierFreeGuidance",
@@ -378,11 +378,12 @@ def load_or_train_classifier(
 ) -> NoiseAwareClassifier:
     """A noise-aware classifier for ``schedule`` trained on ``dataset`` (train split), cached by config hash.
 
-    The cache file is ``noise-aware-classifier-<hash>.safetensors`` in ``ddpm.checkpoint.cache_dir()``; the
+    The cache file is ``noise-aware-classifier-<hash>.safetensors`` in ``ddpm.paths.cache_dir()``; the
     hash covers the network configuration, the schedule's betas, the data set and the training settings.
     ``classifier.info`` holds ``accuracy_by_quartile`` on the held-out split, ``steps`` and ``seconds``.
     """
-    from .checkpoint import cache_dir, config_hash
+    from .checkpoint import config_hash
+    from .paths import cache_dir
     from .data import load_dataset
 
     config = config or NoiseAwareClassifierConfig()

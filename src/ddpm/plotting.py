@@ -218,6 +218,6 @@ def points_figure(panels: Mapping[str, Tensor], lim: float | None = None, size: 
 
 def provenance(trained, *, sampler: str, nfe: int, seed: int) -> str:
     """The line printed under a figure of samples: the training provenance of ``trained`` (a
-    ``ddpm.checkpoint.TrainedModel``: profile, device, steps, wall time, checkpoint hash) and how the samples
+    ``ddpm.cache.TrainedModel``: profile, device, steps, wall time, checkpoint hash) and how the samples
     were drawn (sampler, number of model evaluations, seed)."""
     return f"Provenance: {trained.provenance()}; sampler {sampler}, {nfe} model evaluations, seed {seed}."

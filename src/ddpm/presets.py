@@ -25,7 +25,7 @@ import dataclasses
 import os
 from typing import Callable
 
-from .train import TrainConfig
+from .trainconfig import TrainConfig
 
 __all__ = ["PRESETS", "PROFILES", "get_preset", "mnist_preset", "preset_names", "profile"]
 

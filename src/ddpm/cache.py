@@ -1,0 +1,219 @@
+"""The model cache: a trained model for a preset, trained once and then loaded from disk.
+
+``load_or_train(preset)`` returns a :class:`TrainedModel` (EMA network, raw network, schedule, configuration,
+loss history, provenance, training previews). The checkpoint lives in ``<cache>/<name>-<config hash>/``; the hash
+covers the whole ``TrainConfig`` and the package version, so any change trains a new model, a rebuild of the book
+reuses the old one, and an interrupted run is resumed exactly. ``load_model`` rebuilds the network of any training
+checkpoint (what ``python -m ddpm sample`` uses).
+
+This module sits above the trainer (``ddpm.train``) and the file layer (``ddpm.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from .checkpoint import (CONFIG_FILE, STATE_FILE, CheckpointError, _read_json, _recover, capture_rng_state,
+                         check_config, config_hash, load_weights, package_version, previews_from_extra,
+                         read_checkpoint_header, restore_rng_state)
+from .paths import cache_dir, project_root
+from .presets import get_preset, profile
+from .schedule import NoiseSchedule
+from .train import TrainConfig, Trainer, build_model
+from .unet import count_parameters
+
+__all__ = ["TrainedModel", "cache_dir", "load_model", "load_or_train", "project_root", "trained_model"]
+
+
+def _load_network(directory: Path, file: str, config) -> torch.nn.Module:
+    """The network of ``config`` with the weights of ``directory / file``, in eval mode on the CPU."""
+    weights, _ = load_weights(directory / file)
+    model = build_model(config)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {directory} does not fit its configured network ({first}); train it again") from None
+    return model.eval()
+
+
+def load_model(directory: str | os.PathLike, *, ema: bool = True, device: str | torch.device | None = None):
+    """Rebuild the network of a training checkpoint: returns ``(model in eval mode, TrainConfig, state dict)``.
+
+    ``ema=True`` loads the exponential moving average of the weights (what sampling should use).
+    """
+    directory = Path(directory)
+    header = read_checkpoint_header(directory)
+    try:
+        config = TrainConfig.from_dict(header["config"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {directory} holds an unusable configuration: {exc}") from None
+    model = _load_network(directory, "ema.safetensors" if ema else "model.safetensors", config)
+    if device is not None:
+        model.to(device)
+    state = _read_json(directory / STATE_FILE)
+    state.pop("rng", None)
+    return model, config, state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# load_or_train
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A trained model as notebooks use it.
+
+    ``model``: the EMA network in eval mode (use it for sampling); ``raw_model``: the raw weights;
+    ``schedule``: the training ``NoiseSchedule``; ``config``: the ``TrainConfig``; ``history``: losses
+    (see ``ddpm.train.Trainer.history``); ``info``: provenance (profile, device, steps, wall time in
+    seconds, checkpoint hash, preset name, parameter count, checkpoint path); ``previews``: the samples
+    drawn during training, ``[(step, images [16, C, H, W] in [-1, 1])]``.
+    """
+
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    schedule: Any
+    config: Any
+    history: dict
+    info: dict
+    path: Path | None = None
+    previews: list = dataclasses.field(default_factory=list)
+
+    def provenance(self) -> str:
+        """One line for the caption under a figure of samples."""
+        i = self.info
+        minutes = i.get("wall_time_s", float("nan")) / 60.0
+        return (
+            f"preset {i.get('preset')}, profile {i.get('profile')}, trained on {i.get('device')} for "
+            f"{i.get('steps')} steps ({minutes:.1f} min), checkpoint {i.get('checkpoint_hash')}"
+        )
+
+
+def _resolve_config(preset_or_config):
+    if isinstance(preset_or_config, str):
+        return preset_or_config, get_preset(preset_or_config)
+    if isinstance(preset_or_config, TrainConfig):
+        return preset_or_config.name, preset_or_config
+    if isinstance(preset_or_config, Mapping):
+        config = TrainConfig.from_dict(dict(preset_or_config))
+        return config.name, config
+    raise ValueError(
+        f"preset_or_config must be a preset name, a TrainConfig or a dict, got {type(preset_or_config).__name__}"
+    )
+
+
+_default_cache = cache_dir  # load_or_train's argument ``cache_dir`` shadows the function
+
+
+def load_or_train(
+    preset_or_config,
+    *,
+    steps: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    callbacks: Iterable[Any] = (),
+    device: str | torch.device | None = None,
+) -> TrainedModel:
+    """A trained model for a preset name, ``TrainConfig`` or config dict; trains only on a cache miss.
+
+    The checkpoint lives in ``<cache>/<name>-<config hash>/`` where the cache is ``cache_dir``, else
+    ``$DDPM_CACHE``, else ``<project root>/.cache/ddpm``; the hash covers the whole configuration and the
+    package version, so any change trains a new model and a rebuild reuses the old one. A run that was
+    interrupted (Ctrl-C) is resumed exactly. ``steps`` overrides the configuration's number of steps.
+    The global random generators (torch, Python, NumPy) are left as they were found, so a notebook draws the
+    same numbers afterwards whether the model was cached or trained.
+    """
+    name, config = _resolve_config(preset_or_config)
+    if steps is not None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        config = dataclasses.replace(config, steps=steps)
+    config.validate()
+    root = Path(cache_dir) if cache_dir is not None else _default_cache()
+    digest = config_hash(config.to_dict())
+    directory = root / f"{name}-{digest}"
+    _recover(directory)
+
+    # Building and training a network draws from the global random generators; put them back afterwards so that
+    # a notebook behaves the same whether its model came from the cache or was just trained.
+    rng_tensors, rng_meta = capture_rng_state()
+    try:
+        if (directory / CONFIG_FILE).exists():
+            try:
+                cached = _finished_model(directory, config, name, digest, device)
+            except CheckpointError:
+                cached = None  # an unusable entry (e.g. a truncated file) is trained again below
+            if cached is not None:
+                return cached
+        trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress, preset=name)
+        if (directory / CONFIG_FILE).exists():
+            try:
+                trainer.load(directory)  # an interrupted run: resume it exactly
+            except CheckpointError:
+                trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress,
+                                  preset=name)
+        trainer.fit()
+        return trained_model(trainer, digest)
+    finally:
+        restore_rng_state(rng_tensors, rng_meta)
+
+
+def _finished_model(directory: Path, config, name: str, digest: str, device) -> TrainedModel | None:
+    """The cached model of a finished run in ``directory`` (None when the run stopped early)."""
+    header = read_checkpoint_header(directory)
+    check_config(directory, header["config"], config.to_dict())
+    state = _read_json(directory / STATE_FILE)
+    if int(state.get("step", -1)) < config.steps:
+        return None
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = []
+    for file in ("ema.safetensors", "model.safetensors"):
+        models.append(_load_network(directory, file, config).to(device))
+    info = {
+        "preset": name,
+        "profile": profile(),
+        "device": state.get("device"),
+        "steps": int(state["step"]),
+        "wall_time_s": float(state.get("wall_time_s", float("nan"))),
+        "checkpoint_hash": digest,
+        "parameters": count_parameters(models[0]),
+        "dataset": config.dataset,
+        "batch_size": config.batch_size,
+        "ddpm_version": header.get("ddpm_version"),
+        "path": str(directory),
+    }
+    extra, _ = load_weights(directory / "extra.safetensors")
+    return TrainedModel(model=models[0], raw_model=models[1], schedule=NoiseSchedule.from_name(config.schedule, config.T),
+                        config=config, history=state.get("history", {}), info=info, path=directory,
+                        previews=previews_from_extra(extra))
+
+
+def trained_model(trainer: Trainer, digest: str | None = None) -> TrainedModel:
+    """The result of a finished :class:`ddpm.train.Trainer` as a :class:`TrainedModel` (both networks in eval mode)."""
+    trainer.model.eval()
+    trainer.ema.eval()
+    info = {
+        "preset": trainer.preset,
+        "profile": profile(),
+        "device": getattr(trainer, "trained_on", None) or trainer.device_name(),
+        "steps": trainer.step,
+        "wall_time_s": trainer.wall_time,
+        "checkpoint_hash": digest or config_hash(trainer.config.to_dict()),
+        "parameters": count_parameters(trainer.model),
+        "dataset": trainer.config.dataset,
+        "batch_size": trainer.config.batch_size,
+        "ddpm_version": package_version(),
+        "path": str(trainer.out_dir) if trainer.out_dir is not None else None,
+    }
+    return TrainedModel(
+        model=trainer.ema, raw_model=trainer.model, schedule=trainer.schedule, config=trainer.config,
+        history=trainer.history, info=info, path=trainer.out_dir, previews=list(trainer.previews),
+    )

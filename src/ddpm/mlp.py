@@ -1,0 +1,113 @@
+"""A small noise-prediction network for low-dimensional data: the 2-D toy models of the book.
+
+The same interface as the U-Net, ``model(x, t, y=None)``, so every sampler, loss and guidance works on it unchanged;
+the timestep enters through the U-Net's sinusoidal embedding (``ddpm.blocks.timestep_embedding``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import (_check_t, _config_from_dict, _config_to_dict, _frequencies, _label_ids, _require_int,
+                   timestep_embedding, zero_module)
+
+__all__ = ["MLP", "MLPConfig"]
+
+
+@dataclass
+class MLPConfig:
+    """Hyper-parameters of :class:`MLP`, the noise-prediction network for 2-D toy data.
+
+    dim: data dimension D. hidden: width of the residual blocks (and of the time embedding).
+    num_layers: number of residual blocks. num_classes: classes for a conditional model, or None
+    (label ``num_classes`` is the null label). learn_sigma: output ``2 * dim`` values.
+    """
+
+    dim: int = 2
+    hidden: int = 128
+    num_layers: int = 3
+    num_classes: int | None = None
+    learn_sigma: bool = False
+
+    @property
+    def out_dim(self) -> int:
+        """Output size: ``dim``, or ``2 * dim`` when ``learn_sigma``."""
+        return self.dim * (2 if self.learn_sigma else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the fields."""
+        return _config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MLPConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError."""
+        return _config_from_dict(cls, data)
+
+    def validate(self) -> None:
+        """Raise ValueError, naming the parameter and its allowed values, if the config is unusable."""
+        for name in ("dim", "hidden", "num_layers"):
+            _require_int(name, getattr(self, name), 1)
+        if self.num_classes is not None:
+            _require_int("num_classes", self.num_classes, 1)
+        if not isinstance(self.learn_sigma, bool):
+            raise ValueError(f"learn_sigma must be True or False, got {self.learn_sigma!r}")
+
+
+class MLPBlock(nn.Module):
+    """Pre-norm residual MLP block: h + W2 SiLU(W1 SiLU(LN(h)) + W_e emb). [N, F], [N, F] -> [N, F]."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.emb_proj = nn.Linear(hidden, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return h + self.fc2(F.silu(self.fc1(F.silu(self.norm(h))) + self.emb_proj(emb)))
+
+
+class MLP(nn.Module):
+    """Noise-prediction network for low-dimensional (2-D toy) data.
+
+    ``forward(x, t, y=None)``: ``x`` [N, dim], ``t`` [N] 0-based timesteps, ``y`` [N] labels in
+    [0, num_classes] or None. Returns [N, dim] (eps) or [N, 2 * dim] with ``learn_sigma``. The
+    timestep enters through the same sinusoidal embedding and MLP as in :class:`UNet`; the output
+    layer starts at zero.
+    """
+
+    def __init__(self, config: MLPConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        hid = config.hidden
+        self.register_buffer("freqs", _frequencies(hid), persistent=False)
+        self.time_embed = nn.Sequential(nn.Linear(hid, hid), nn.SiLU(), nn.Linear(hid, hid))
+        self.label_embed = nn.Embedding(config.num_classes + 1, hid) if config.num_classes is not None else None
+        self.in_proj = nn.Linear(config.dim, hid)
+        self.blocks = nn.ModuleList(MLPBlock(hid) for _ in range(config.num_layers))
+        self.out = nn.Sequential(nn.LayerNorm(hid), nn.SiLU(), zero_module(nn.Linear(hid, config.out_dim)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_theta(x_t, t, y): [N, dim], [N], [N] or None -> [N, out_dim]."""
+        dim = self.config.dim
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != dim or not x.is_floating_point():
+            got = f"{list(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a floating-point tensor of shape [N, dim] = [N, {dim}], got {got}")
+        n = x.shape[0]
+        t = _check_t(t, n, x.device)
+        y = _label_ids(y, n, self.config.num_classes, x.device)
+
+        emb = self.time_embed(timestep_embedding(t, self.config.hidden, self.freqs).to(x.dtype))
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(y)
+        emb = F.silu(emb)
+        h = self.in_proj(x)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(h)

@@ -1,0 +1,236 @@
+"""The training configuration: ``TrainConfig``, saved as ``config.json`` beside the weights, and the network it
+builds. Every field is checked by :meth:`TrainConfig.validate`, which names the first bad field and its allowed
+values, so a wrong configuration fails before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import torch
+
+from .data import dataset_info
+from .losses import LOSS_TYPES, VAR_TYPES
+from .schedule import SCHEDULES, NoiseSchedule
+
+__all__ = ["FINAL_LR_FRACTION", "LOSS_TYPES", "LR_DECAYS", "MODEL_TYPES", "RESUME_FREE_KEYS", "TIMESTEP_SAMPLERS",
+           "TrainConfig", "TrainingDiverged", "build_model", "resume_free_keys"]
+
+MODEL_TYPES = ("unet", "mlp")
+TIMESTEP_SAMPLERS = ("uniform", "importance")
+LR_DECAYS = ("constant", "cosine")
+#: With ``lr_decay="cosine"`` the learning rate ends at this fraction of ``lr``.
+FINAL_LR_FRACTION = 0.1
+#: Keys that may change when a run is resumed: they do not alter the trajectory of the weights.
+RESUME_FREE_KEYS = ("steps", "checkpoint_every", "preview_every", "log_every")
+
+
+def resume_free_keys(config: "TrainConfig") -> tuple[str, ...]:
+    """The keys of ``config`` that a resumed run may change: ``RESUME_FREE_KEYS``, less ``steps`` when the
+    learning rate decays towards the last step (then the number of steps shapes the whole trajectory)."""
+    return tuple(k for k in RESUME_FREE_KEYS if not (k == "steps" and config.lr_decay != "constant"))
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything needed to rebuild a model and its training data, saved as ``config.json`` beside the weights.
+
+    Attributes:
+        name: a label (the preset name); part of the cache folder's name.
+        model_type: ``"unet"`` (``UNetConfig``) or ``"mlp"`` (``MLPConfig``, 2-D toy data).
+        model: the network's config as a dict of ``UNetConfig`` / ``MLPConfig`` fields.
+        dataset: a name from ``ddpm.data.DATASETS``.
+        schedule, T: beta schedule (``"linear"`` or ``"cosine"``) and number of diffusion steps.
+        loss_type: ``"simple"`` (L_simple), ``"hybrid"`` (L_simple + 0.001 L_vlb, learned variance) or ``"vlb"``.
+        var_type: reverse-process variance: ``"fixed_small"`` (posterior variance), ``"fixed_large"`` (beta_t)
+            or ``"learned_range"``; None picks ``"learned_range"`` when the model has ``learn_sigma``, else
+            ``"fixed_small"``.
+        timestep_sampler: ``"uniform"`` or ``"importance"`` (Nichol & Dhariwal Sec. 3.3, meant for ``vlb``).
+        batch_size: global batch (split evenly across ranks).
+        lr, weight_decay, warmup_steps: AdamW learning rate, decoupled weight decay, linear warm-up length.
+        lr_decay: ``"constant"`` after the warm-up, or ``"cosine"``: half a cosine from ``lr`` down to
+            ``0.1 * lr`` at ``steps`` (then ``steps`` is part of the trajectory and cannot change on resume).
+        snr_gamma: Min-SNR-gamma weighting of the eps MSE (Hang et al. 2023; ``ddpm.losses.min_snr_weight``),
+            or None for the unweighted L_simple; the bound term of L_hybrid is not weighted.
+        steps: optimiser steps in total.
+        grad_clip: maximal global gradient norm, or None for no clipping.
+        ema_decay: EMA decay; with ``ema_warmup`` the decay at update n is min(ema_decay, (1 + n) / (10 + n)).
+        label_dropout: probability of replacing a label by the null label (classifier-free guidance).
+        seed: seeds the initial weights, the data order and every random draw of training.
+        bf16, channels_last, compile: speed-ups: bf16 autocast (CUDA only), channels-last memory for the
+            U-Net (CUDA and CPU), ``torch.compile``.
+        preview_every: draw preview samples from the EMA model every N steps (0: never).
+        checkpoint_every: write a checkpoint every N steps (0: only at the end and on Ctrl-C).
+        log_every: steps per entry of the loss-by-quartile history.
+    """
+
+    name: str = "custom"
+    model_type: str = "unet"
+    model: dict = dataclasses.field(default_factory=dict)
+    dataset: str = "mnist5k"
+    schedule: str = "linear"
+    T: int = 1000
+    loss_type: str = "simple"
+    var_type: str | None = None
+    timestep_sampler: str = "uniform"
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_decay: str = "constant"
+    snr_gamma: float | None = None
+    steps: int = 1000
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    label_dropout: float = 0.0
+    seed: int = 0
+    bf16: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    preview_every: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 50
+
+    # -- conversions ---------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (the model config normalised: tuples become lists, defaults filled in)."""
+        out = dataclasses.asdict(self)
+        out["model"] = self.model_config().to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; unknown keys or bad values raise ValueError naming them."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a TrainConfig must be built from a dict, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; allowed keys are {names}")
+        config = cls(**dict(data))
+        config.validate()
+        return config
+
+    def model_config(self):
+        """The network's config object (``UNetConfig`` or ``MLPConfig``), validated."""
+        from .mlp import MLPConfig
+        from .unet import UNetConfig
+
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}; got {self.model_type!r}")
+        if not isinstance(self.model, Mapping):
+            raise ValueError(f"model must be a dict of {self.model_type} config fields; got {type(self.model).__name__}")
+        cls = UNetConfig if self.model_type == "unet" else MLPConfig
+        return cls.from_dict(dict(self.model))
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.model_config().num_classes
+
+    @property
+    def resolved_var_type(self) -> str:
+        """``var_type``, or the default implied by the model (learned_range with learn_sigma, else fixed_small)."""
+        if self.var_type is not None:
+            return self.var_type
+        return "learned_range" if self.model_config().learn_sigma else "fixed_small"
+
+    # -- validation ----------------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and its allowed values."""
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def need(ok: bool, field: str, allowed: str):
+            if not ok:
+                raise ValueError(f"TrainConfig.{field} must be {allowed}; got {getattr(self, field)!r}")
+
+        need(isinstance(self.name, str) and self.name != "" and "/" not in self.name, "name",
+             "a non-empty string without '/'")
+        mc = self.model_config()
+        info = dataset_info(self.dataset)
+        need(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}")
+        need(is_int(self.T) and self.T >= 2, "T", "an integer >= 2")
+        try:
+            NoiseSchedule.from_name(self.schedule, self.T)
+        except ValueError as exc:
+            raise ValueError(f"TrainConfig schedule {self.schedule!r} with T={self.T} is unusable: {exc}") from None
+        need(self.loss_type in LOSS_TYPES, "loss_type", f"one of {', '.join(LOSS_TYPES)}")
+        need(self.var_type is None or self.var_type in VAR_TYPES, "var_type", f"None or one of {', '.join(VAR_TYPES)}")
+        need(self.timestep_sampler in TIMESTEP_SAMPLERS, "timestep_sampler", f"one of {', '.join(TIMESTEP_SAMPLERS)}")
+        need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1")
+        need(is_num(self.lr) and self.lr > 0, "lr", "a positive number")
+        need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        need(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        need(self.lr_decay in LR_DECAYS, "lr_decay", f"one of {', '.join(LR_DECAYS)}")
+        need(self.snr_gamma is None or (is_num(self.snr_gamma) and self.snr_gamma > 0), "snr_gamma",
+             "None or a positive number")
+        if self.snr_gamma is not None and self.loss_type == "vlb":
+            raise ValueError("TrainConfig.snr_gamma weights the eps MSE, which loss_type 'vlb' does not have; "
+                             "set snr_gamma=None or use loss_type 'simple' or 'hybrid'")
+        need(is_int(self.steps) and self.steps >= 1, "steps", "an integer >= 1")
+        need(self.grad_clip is None or (is_num(self.grad_clip) and self.grad_clip > 0), "grad_clip",
+             "None or a positive number")
+        need(is_num(self.ema_decay) and 0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)")
+        need(is_num(self.label_dropout) and 0 <= self.label_dropout < 1, "label_dropout", "a probability in [0, 1)")
+        need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
+        for flag in ("ema_warmup", "bf16", "channels_last", "compile"):
+            need(isinstance(getattr(self, flag), bool), flag, "True or False")
+        for every in ("preview_every", "checkpoint_every"):
+            need(is_int(getattr(self, every)) and getattr(self, every) >= 0, every, "an integer >= 0 (0 means never)")
+        need(is_int(self.log_every) and self.log_every >= 1, "log_every", "an integer >= 1")
+        # consistency between model, data and objective
+        learned = self.resolved_var_type == "learned_range"
+        if learned != mc.learn_sigma:
+            raise ValueError(
+                f"TrainConfig.var_type {self.resolved_var_type!r} does not fit model learn_sigma={mc.learn_sigma}; "
+                "use var_type 'learned_range' exactly when the model learns its variance"
+            )
+        if self.loss_type == "hybrid" and not learned:
+            raise ValueError("TrainConfig.loss_type 'hybrid' needs a learned variance: set model learn_sigma=True")
+        if self.label_dropout > 0 and mc.num_classes is None:
+            raise ValueError("TrainConfig.label_dropout > 0 needs a class-conditional model (model num_classes)")
+        if mc.num_classes is not None:
+            if info.num_classes is None:
+                raise ValueError(f"dataset {self.dataset!r} has no labels; set model num_classes=None")
+            if mc.num_classes != info.num_classes:
+                raise ValueError(
+                    f"model num_classes={mc.num_classes} does not match the {info.num_classes} classes of "
+                    f"dataset {self.dataset!r}"
+                )
+        if info.kind == "points":
+            if self.model_type != "mlp" or mc.dim != info.shape[0]:
+                raise ValueError(f"dataset {self.dataset!r} holds 2-D points: use model_type 'mlp' with dim=2")
+        else:
+            c, h, _ = info.shape
+            if self.model_type != "unet" or mc.in_channels != c or mc.image_size != h:
+                raise ValueError(
+                    f"dataset {self.dataset!r} holds {c}x{h}x{h} images: use model_type 'unet' with "
+                    f"in_channels={c} and image_size={h}"
+                )
+
+
+def build_model(config: TrainConfig) -> torch.nn.Module:
+    """A freshly initialised network for ``config`` (``UNet`` or ``MLP``), on the CPU."""
+    from .mlp import MLP
+    from .unet import UNet
+
+    mc = config.model_config()
+    return UNet(mc) if config.model_type == "unet" else MLP(mc)
