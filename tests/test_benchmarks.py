@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,15 @@ def test_the_gpu_profile_refuses_an_unknown_variant_or_preset():
     for args, words in ((["--variants", "turbo"], "unknown variants"), (["--presets", "nope"], "nope")):
         done = subprocess.run([sys.executable, script, *args, "--device", "cpu"], capture_output=True, text=True)
         assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
+    # the script a GPU machine runs: on the CPU with tiny sizes, so that it cannot rot between GPU sessions
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
+    assert report["tests"]["ok"] and report["tests"]["counts"]["passed"] >= 3
+    assert report["profile"]["ok"] and (tmp_path / report["profile"]["file"]).is_file()
+    assert report["mnist-gpu"]["ok"] and (tmp_path / report["mnist-gpu"]["grid"]).is_file()
