@@ -284,3 +284,21 @@ def test_benchmark_page_shows_the_recorded_results(html_dir):
     median = results["ratios"]["diffusers-same"]["train_images_per_s"]["median"]
     pasted = [span.get_text() for span in body.select("span.pasted-text")]
     assert f"{median:.2f}" in pasted, "the prose does not paste the measured ratio"
+
+
+def test_benchmark_page_shows_the_recipe_search_and_the_presets_targets(html_dir):
+    """The recipe search (every recipe, the floor) and the mnist-cpu targets come from the recorded results."""
+    require_build()
+    results = ROOT / "benchmarks" / "results"
+    search = json.loads((results / "recipe_search.json").read_text())
+    final = json.loads((results / "train_mnist_cpu.json").read_text())
+    body = article(soup_of(ROOT / "_build" / "html" / "reference" / "benchmarks.html"))
+    text = " ".join(table.get_text(" ") for table in body.select("table"))
+    for run in search["runs"]:
+        assert run["name"] in text and f"{run['fid']:.1f}" in text, run["name"]
+    for name, target in final["targets"].items():
+        assert name in text and f"{target['value']:.3f}" in text, name
+    figures = [f for f in body.select("figure") if "one point per recipe" in f.get_text()]
+    assert figures and figures[0].select_one("img") is not None, "the search's figure is missing"
+    pasted = [span.get_text() for span in body.select("span.pasted-text")]
+    assert f"{search['floor']['fid']:.1f} ± {search['floor']['std']:.1f}" in pasted
