@@ -50,6 +50,19 @@ def _config_from_dict(cls: type, data: dict[str, Any]) -> Any:
     return config
 
 
+class DictConfig:
+    """``to_dict`` / ``from_dict`` for a config dataclass that has a ``validate`` method."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the fields; tuples become lists and :meth:`from_dict` turns them back."""
+        return _config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Inverse of :meth:`to_dict`: unknown keys raise ValueError, missing keys take defaults, then validate."""
+        return _config_from_dict(cls, data)
+
+
 # ----------------------------------------------------------------------------------------------
 # shared pieces
 # ----------------------------------------------------------------------------------------------

@@ -7,20 +7,19 @@ the timestep enters through the U-Net's sinusoidal embedding (``ddpm.blocks.time
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (_check_t, _config_from_dict, _config_to_dict, _frequencies, _label_ids, _require_int,
+from .blocks import (DictConfig, _check_t, _frequencies, _label_ids, _require_int,
                    timestep_embedding, zero_module)
 
 __all__ = ["MLP", "MLPConfig"]
 
 
 @dataclass
-class MLPConfig:
+class MLPConfig(DictConfig):
     """Hyper-parameters of :class:`MLP`, the noise-prediction network for 2-D toy data.
 
     dim: data dimension D. hidden: width of the residual blocks (and of the time embedding).
@@ -38,15 +37,6 @@ class MLPConfig:
     def out_dim(self) -> int:
         """Output size: ``dim``, or ``2 * dim`` when ``learn_sigma``."""
         return self.dim * (2 if self.learn_sigma else 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of the fields."""
-        return _config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MLPConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError."""
-        return _config_from_dict(cls, data)
 
     def validate(self) -> None:
         """Raise ValueError, naming the parameter and its allowed values, if the config is unusable."""

@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (MAX_PERIOD, AttentionBlock, Downsample, EmbedSequential, ResBlock, Upsample,  # noqa: F401
-                     _check_t, _config_from_dict, _config_to_dict, _frequencies, _is_int, _label_ids, _num_groups,
-                     _require_int, count_parameters, group_norm, timestep_embedding, zero_module)
+from .blocks import (MAX_PERIOD, AttentionBlock, DictConfig, Downsample, EmbedSequential,  # noqa: F401
+                     ResBlock, Upsample, _check_t, _config_from_dict, _config_to_dict, _frequencies, _is_int,
+                     _label_ids, _num_groups, _require_int, count_parameters, group_norm, timestep_embedding,
+                     zero_module)
 
 __all__ = [
     "UNetConfig",
@@ -58,7 +59,7 @@ __all__ = [
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(DictConfig):
     """Hyper-parameters of :class:`UNet` (names as in OpenAI's improved/guided-diffusion).
 
     image_size: height = width of the images, in pixels; it must be divisible by
@@ -117,15 +118,6 @@ class UNetConfig:
         if self.num_head_channels == -1:
             return self.num_heads
         return channels // self.num_head_channels
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; tuples become lists and :meth:`from_dict` turns them back."""
-        return _config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "UNetConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError, missing keys take defaults."""
-        return _config_from_dict(cls, data)
 
     def validate(self) -> None:
         """Raise ValueError, naming the parameter and its allowed values, if the config is unusable."""
