@@ -36,6 +36,7 @@ from ddpm.cache import load_or_train
 from ddpm.metrics import (classifier_outputs, conditional_accuracy, fid_with_error, heldout_floor,
                           load_or_train_mnist_classifier, real_digits)
 from ddpm.plotting import save_png_grid, to_uint8
+from ddpm.presets import recipe_summary
 from ddpm.samplers import sample_in_batches
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,6 +101,7 @@ def main() -> None:
 
     report = {
         "preset": info["preset"],
+        "recipe": recipe_summary(config),
         "parameters": info["parameters"],
         "steps": info["steps"],
         "batch_size": config.batch_size,

@@ -27,7 +27,7 @@ from typing import Callable
 
 from .trainconfig import TrainConfig
 
-__all__ = ["PRESETS", "PROFILES", "get_preset", "mnist_preset", "preset_names", "profile"]
+__all__ = ["PRESETS", "PROFILES", "get_preset", "mnist_preset", "preset_names", "profile", "recipe_summary"]
 
 PROFILES = ("cpu", "gpu")
 
@@ -210,3 +210,18 @@ def mnist_preset(profile_name: str | None = None) -> str:
     if p not in PROFILES:
         raise ValueError(f"profile must be one of {', '.join(PROFILES)}; got {p!r}")
     return "mnist-gpu" if p == "gpu" else "mnist-cpu"
+
+
+def recipe_summary(config: TrainConfig) -> str:
+    """The training recipe of ``config`` in words, for the pages that show its samples."""
+    objective = {"simple": "$L_\\text{simple}$", "hybrid": "$L_\\text{hybrid}$", "vlb": "$L_\\text{vlb}$"}[config.loss_type]
+    parts = [objective + (f" with Min-SNR-{config.snr_gamma:g} weighting of the noise term"
+                          if config.snr_gamma is not None else "")]
+    parts.append(f"the {config.schedule} schedule")
+    if config.label_dropout > 0:
+        parts.append(f"label dropout {config.label_dropout:g}")
+    decay = "with a cosine decay" if config.lr_decay == "cosine" else "constant after the warm-up"
+    parts.append(f"AdamW at {config.lr:g} {decay}")
+    parts.append(f"batch {config.batch_size}")
+    parts.append(f"EMA {config.ema_decay:g}")
+    return ", ".join(parts)
