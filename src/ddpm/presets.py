@@ -221,8 +221,8 @@ def mnist_preset(profile_name: str | None = None) -> str:
 
 
 def recipe_summary(config: TrainConfig) -> str:
-    """The training recipe of ``config`` in words, for the pages that show its samples."""
-    objective = {"simple": "$L_\\text{simple}$", "hybrid": "$L_\\text{hybrid}$", "vlb": "$L_\\text{vlb}$"}[config.loss_type]
+    """The training recipe of ``config`` in plain words (no LaTeX: glued text is not rendered as math)."""
+    objective = {"simple": "the simple objective", "hybrid": "the hybrid objective", "vlb": "the bound"}[config.loss_type]
     parts = [objective + (f" with Min-SNR-{config.snr_gamma:g} weighting of the noise term"
                           if config.snr_gamma is not None else "")]
     parts.append(f"the {config.schedule} schedule")
