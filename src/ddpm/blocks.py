@@ -110,6 +110,21 @@ def _num_groups(channels: int, max_groups: int = 32, min_group_size: int = 2) ->
     return max(g for g in range(1, cap + 1) if channels % g == 0)
 
 
+def conditioning(net: nn.Module, x: torch.Tensor, t: Any, y: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """The embedding every block of ``net`` is conditioned on: ``SiLU(MLP(embed(t)) + label_embed(y))``.
+
+    ``net`` has ``time_embed``, ``label_embed`` (or None), ``freqs`` and ``config.num_classes``; ``t`` and ``y`` are
+    checked against the batch of ``x``, and the sinusoidal embedding of width ``dim`` takes ``x``'s dtype.
+    """
+    n = x.shape[0]
+    t = _check_t(t, n, x.device)
+    y = _label_ids(y, n, net.config.num_classes, x.device)
+    emb = net.time_embed(timestep_embedding(t, dim, net.freqs).to(x.dtype))
+    if net.label_embed is not None:
+        emb = emb + net.label_embed(y)
+    return F.silu(emb)  # every embedding projection starts with SiLU
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups where the width allows, else the largest divisor of ``channels`` that leaves
     at least two channels per group (see :func:`_num_groups`)."""

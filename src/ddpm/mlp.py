@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (DictConfig, _check_t, _frequencies, _label_ids, _require_int,
-                   timestep_embedding, zero_module)
+from .blocks import DictConfig, _frequencies, _require_int, conditioning, zero_module
 
 __all__ = ["MLP", "MLPConfig"]
 
@@ -89,14 +88,7 @@ class MLP(nn.Module):
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != dim or not x.is_floating_point():
             got = f"{list(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a floating-point tensor of shape [N, dim] = [N, {dim}], got {got}")
-        n = x.shape[0]
-        t = _check_t(t, n, x.device)
-        y = _label_ids(y, n, self.config.num_classes, x.device)
-
-        emb = self.time_embed(timestep_embedding(t, self.config.hidden, self.freqs).to(x.dtype))
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(y)
-        emb = F.silu(emb)
+        emb = conditioning(self, x, t, y, self.config.hidden)
         h = self.in_proj(x)
         for block in self.blocks:
             h = block(h, emb)

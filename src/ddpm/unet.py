@@ -37,10 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (MAX_PERIOD, AttentionBlock, DictConfig, Downsample, EmbedSequential,  # noqa: F401
+from .blocks import (MAX_PERIOD, AttentionBlock, DictConfig, Downsample, EmbedSequential, conditioning,  # noqa: F401
                      ResBlock, Upsample, _check_t, _config_from_dict, _config_to_dict, _frequencies, _is_int,
                      _label_ids, _num_groups, _require_int, count_parameters, group_norm, timestep_embedding,
                      zero_module)
@@ -255,15 +254,8 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """eps_theta(x_t, t, y): [N, C, H, W], [N], [N] or None -> [N, out_channels, H, W]."""
         self._check_x(x)
-        n = x.shape[0]
-        t = _check_t(t, n, x.device)
-        y = _label_ids(y, n, self.config.num_classes, x.device)
-
         # The embedding is computed once per call and shared by every residual block.
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels, self.freqs).to(x.dtype))
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(y)
-        emb = F.silu(emb)  # every block's embedding projection starts with SiLU
+        emb = conditioning(self, x, t, y, self.config.model_channels)
 
         skips = []
         h = x
