@@ -198,7 +198,7 @@ def test_under_torchrun_only_rank_0_downloads_and_the_others_wait(tmp_path, monk
             self.targets = [3, 4]
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
-    monkeypatch.setattr(data, "_distributed_rank", lambda: rank)
+    monkeypatch.setattr(data, "distributed_rank", lambda: rank)
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: events.append(("barrier",)))
     x, y = load_dataset("mnist", root=tmp_path)
     assert y.tolist() == [3, 4]

@@ -18,11 +18,11 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .checkpoint import (CONFIG_FILE, STATE_FILE, CheckpointError, _read_json, _recover, capture_rng_state,
-                         check_config, config_hash, load_weights, package_version, previews_from_extra,
-                         read_checkpoint_header, restore_rng_state)
+from .checkpoint import (CONFIG_FILE, STATE_FILE, CheckpointError, _read_json, _recover, check_config, config_hash,
+                         load_weights, package_version, previews_from_extra, read_checkpoint_header)
 from .paths import cache_dir, project_root
 from .presets import get_preset, profile
+from .rng import capture_rng_state, restore_rng_state
 from .schedule import NoiseSchedule
 from .train import TrainConfig, Trainer, build_model
 from .unet import count_parameters

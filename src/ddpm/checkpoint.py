@@ -28,15 +28,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import numpy as np
 import torch
+
+from .rng import capture_rng_state, restore_rng_state
 
 __all__ = [
     "CheckpointError",
@@ -258,33 +258,6 @@ def _optimizer_from_files(tensors: Mapping[str, torch.Tensor], meta: Mapping[str
     for group in meta["param_groups"]:
         groups.append({k: (tuple(v) if k == "betas" else v) for k, v in group.items()})
     return {"state": state, "param_groups": groups}
-
-
-def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The global random states: torch CPU/CUDA as uint8 tensors, Python and NumPy as JSON-ready values."""
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda.{i}"] = s
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    meta = {
-        "python": [py_version, list(py_state), py_gauss],
-        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
-    }
-    return tensors, meta
-
-
-def restore_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    torch.set_rng_state(tensors["torch_cpu"].to(torch.uint8))
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda.")), key=lambda k: int(k[11:]))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in cuda])
-    py_version, py_state, py_gauss = meta["python"]
-    random.setstate((py_version, tuple(py_state), py_gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = meta["numpy"]
-    np.random.set_state((np_name, np.asarray(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .distributed import distributed_rank
+
 __all__ = [
     "DATASETS",
     "DatasetInfo",
@@ -146,21 +148,12 @@ def _offline_message(name: str, root: Path, reason: str) -> str:
     )
 
 
-def _distributed_rank() -> int | None:
-    """This process's rank under ``torchrun`` (an initialised process group of several), else None."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank()
-    return None
-
-
 def _torchvision(name: str, split: str, root: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from torchvision import datasets
 
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
     parts = ("train", "test") if split == "all" else (split,)
-    rank = _distributed_rank()
+    rank = distributed_rank()
 
     def open_part(part: str, may_download: bool):
         try:

@@ -41,9 +41,11 @@ import torch.distributed as dist
 
 from .callbacks import Callback, as_callback, progress_bar, progress_enabled
 from .data import augment, dataset_info, load_dataset
+from .distributed import setup_distributed
 from .losses import ImportanceSampler, UniformSampler, training_losses
 from .optim import ema_decay_at, learning_rate, update_ema
 from .resume import load_trainer, save_trainer
+from .rng import derive_seed as _seed
 from .schedule import NoiseSchedule, randn_like
 from .trainconfig import (LOSS_TYPES, RESUME_FREE_KEYS, TrainConfig, TrainingDiverged, build_model,
                           resume_free_keys)
@@ -59,6 +61,7 @@ __all__ = [
     "ema_decay_at",
     "progress_enabled",
     "resume_free_keys",
+    "setup_distributed",
     "train",
     "update_ema",
 ]
@@ -66,11 +69,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------
 # Small pieces
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed derived from integers (NumPy's SeedSequence hashing), e.g. ``(seed, rank, step)``."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -427,16 +425,3 @@ def train(
     if resume:
         trainer.load()
     return trainer.fit()
-
-
-def setup_distributed() -> bool:
-    """Initialise the default process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on CUDA,
-    gloo on the CPU. Returns True when training is distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
-    return True
