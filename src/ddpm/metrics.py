@@ -33,7 +33,8 @@ from .digit_classifier import (MNISTClassifier, MNISTClassifierConfig, classifie
                                classifier_outputs, load_or_train_mnist_classifier, real_digits,
                                train_mnist_classifier)
 from .fid import (fid_floor, fid_from_features, fid_with_error, frechet_distance, gaussian_stats,  # noqa: F401
-                  heldout_floor, inception_fid, sliced_wasserstein)
+                  heldout_floor, inception_fid, paired_fid_difference, precision_recall,
+                  sliced_wasserstein)
 from .memorisation import closest_pairs, memorisation_summary, nearest_neighbours  # noqa: F401
 from .plotting import to_uint8  # noqa: F401  (re-exported: samples as the OpenAI .npz layout)
 from .samplefiles import as_model_images, load_samples  # noqa: F401

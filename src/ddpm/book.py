@@ -1,0 +1,161 @@
+"""What the book's notebooks share: glued values, one rule for verdicts, tables and sample grids.
+
+The notebooks put measured numbers into their prose through MyST-NB's ``glue``; outside the book (a plain
+Jupyter session) :func:`glue` prints the value instead. Every comparison in the book ends in one of three
+verdicts, decided by one rule (:func:`verdict`):
+
+* ``"held"``: the measured difference goes the claimed way by more than twice its error;
+* ``"did not hold"``: it goes the other way by more than twice its error;
+* ``"inconclusive"``: the interval of twice the error either side admits both.
+
+Two arms that share their noise (the same ``x_T``, the same weights, the same digits) are compared with a paired
+error (:func:`ddpm.fid.paired_fid_difference`), which is what lets a few hundred samples decide.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+__all__ = ["VERDICTS", "Comparison", "PageClock", "compare", "glue", "samples_figure", "table", "verdict",
+           "verdict_close"]
+
+VERDICTS = ("held", "did not hold", "inconclusive")
+
+
+def glue(name: str, value, display: bool = False) -> None:
+    """MyST-NB's ``glue`` (hidden by default: the value appears where the text references it); print outside the
+    book."""
+    try:
+        from myst_nb import glue as _glue
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - the book's requirements install both
+        _glue, get_ipython = None, lambda: None
+    if _glue is None or get_ipython() is None:
+        print(f"{name}: {value}")
+        return
+    _glue(name, value, display=display)
+
+
+class PageClock:
+    """The wall time of one execution of a notebook: started in its first cell, glued by :meth:`glue` in its last
+    as ``run_time`` ("40 seconds", "3.2 minutes") and ``run_profile`` ("cpu" or "gpu")."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    @staticmethod
+    def words(seconds: float) -> str:
+        return f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
+
+    def glue(self) -> None:
+        from .presets import profile
+
+        glue("run_time", self.words(self.seconds))
+        glue("run_profile", profile())
+
+
+def verdict(gain: float, std: float, k: float = 2.0) -> str:
+    """The verdict on a claim whose measured effect is ``gain`` (positive: the claimed direction) +- ``std``."""
+    if not (math.isfinite(gain) and math.isfinite(std)) or std < 0:
+        raise ValueError(f"verdict needs a finite gain and a non-negative error, got {gain!r} +- {std!r}")
+    if gain - k * std > 0:
+        return "held"
+    if gain + k * std < 0:
+        return "did not hold"
+    return "inconclusive"
+
+
+def verdict_close(difference: float, std: float, margin: float, k: float = 2.0) -> str:
+    """The verdict on "the two agree within ``margin``": held when the whole interval ``difference +- k std`` lies
+    inside ``[-margin, margin]``, did not hold when it lies wholly outside, inconclusive otherwise."""
+    if margin <= 0:
+        raise ValueError(f"margin must be positive, got {margin!r}")
+    low, high = abs(difference) - k * std, abs(difference) + k * std
+    if high <= margin:
+        return "held"
+    if low > margin:
+        return "did not hold"
+    return "inconclusive"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Candidate against baseline: ``gain`` (how much better the candidate is), its ``std``, the ``verdict`` on
+    "the candidate is better", and whether the error is ``paired``."""
+
+    gain: float
+    std: float
+    verdict: str
+    paired: bool
+
+    def words(self, held: str, did_not_hold: str, inconclusive: str) -> str:
+        """The phrase of the text that belongs to this verdict."""
+        return {"held": held, "did not hold": did_not_hold, "inconclusive": inconclusive}[self.verdict]
+
+
+def compare(candidate: dict, baseline: dict, *, paired: dict | None = None, higher_is_better: bool = False,
+            key: str = "fid") -> Comparison:
+    """Is ``candidate`` better than ``baseline``? Both are scores ``{key: value, "std": error}`` (an FID by
+    default, lower is better). With ``paired`` (:func:`ddpm.fid.paired_fid_difference` of candidate against
+    baseline) its ``diff`` and ``std`` replace the difference of the two and their independent combined error."""
+    if paired is not None:
+        gain, std = -paired["diff"], paired["std"]
+    else:
+        gain = baseline[key] - candidate[key]
+        std = math.hypot(candidate["std"], baseline["std"])
+    if higher_is_better:
+        gain = -gain
+    return Comparison(gain, std, verdict(gain, std), paired is not None)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence], align: str | None = None):
+    """A Markdown table (styled by the book's theme like every other table of the book). ``align``: one letter
+    per column, ``l`` or ``r`` (default: first column left, the others right)."""
+    from IPython.display import Markdown
+
+    header = [str(h) for h in header]
+    align = align or "l" + "r" * (len(header) - 1)
+    if len(align) != len(header):
+        raise ValueError(f"align has {len(align)} letters for {len(header)} columns")
+    rule = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    for row in rows:
+        cells = [str(c).replace("|", "\\|") for c in row]
+        if len(cells) != len(header):
+            raise ValueError(f"a row has {len(cells)} cells for {len(header)} columns: {cells}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return Markdown("\n".join(lines))
+
+
+def samples_figure(panels: dict, nrow: int, pixels: int = 40, columns: int | None = None, title_size: int = 10):
+    """Sample grids, each digit about ``pixels`` screen pixels wide at the book's figure resolution (100 dpi).
+
+    ``panels``: title -> images ``[N, C, H, W]`` in [-1, 1], ``nrow`` images per grid row; ``columns`` panels per
+    row of the figure (default: all side by side).
+    """
+    import matplotlib.pyplot as plt
+
+    from .plotting import image_grid
+
+    grids = {name: image_grid(x, nrow=nrow) for name, x in panels.items()}
+    columns = columns or len(grids)
+    rows = math.ceil(len(grids) / columns)
+    first = next(iter(grids.values()))
+    scale = pixels / 28 / 100  # inches per image pixel at 100 dpi
+    width, height = first.shape[1] * scale, first.shape[0] * scale
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns + 0.2 * (columns - 1), (height + 0.35) * rows),
+                             squeeze=False, dpi=100)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (name, grid) in zip(axes.flat, grids.items()):
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest")
+        ax.set_title(name, fontsize=title_size)
+    fig.tight_layout(pad=0.3)
+    return fig
