@@ -274,3 +274,22 @@ def test_within_class_spread_closed_form():
     assert M.within_class_spread(torch.ones(4, 3), torch.tensor([0, 0, 1, 1])) == 0.0
     with pytest.raises(ValueError, match="labels"):
         M.within_class_spread(f, y[:3])
+
+
+def test_precision_recall_separates_a_blur_from_a_missing_arm():
+    g = torch.Generator().manual_seed(0)
+    # data: two well separated clusters on a line; a model that draws one of them, and one that blurs both
+    data = torch.cat([torch.randn(400, 2, generator=g) * 0.05 + torch.tensor([-1.0, 0.0]),
+                      torch.randn(400, 2, generator=g) * 0.05 + torch.tensor([1.0, 0.0])])
+    fresh = torch.cat([torch.randn(400, 2, generator=g) * 0.05 + torch.tensor([-1.0, 0.0]),
+                       torch.randn(400, 2, generator=g) * 0.05 + torch.tensor([1.0, 0.0])])
+    one_arm = torch.randn(800, 2, generator=g) * 0.05 + torch.tensor([1.0, 0.0])
+    blur = torch.randn(800, 2, generator=g) * 0.8
+    floor = M.precision_recall(fresh, data)
+    assert floor["precision"] > 0.9 and floor["recall"] > 0.9
+    missing = M.precision_recall(one_arm, data)
+    assert missing["precision"] > 0.9 and 0.4 < missing["recall"] < 0.6  # half the data is never reached
+    blurred = M.precision_recall(blur, data)
+    assert blurred["precision"] < 0.3 and blurred["recall"] > 0.9
+    with pytest.raises(ValueError, match="more than k"):
+        M.precision_recall(fresh[:3], data)
