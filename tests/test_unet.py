@@ -94,6 +94,22 @@ def test_mlp_shape_zero_initialisation_and_conditioning():
     assert torch.equal(model(x, torch.full((4,), 10)), model(x, torch.full((4,), 10), torch.full((4,), 3)))
 
 
+def test_mlp_fourier_features_closed_form_and_parameter_count():
+    cfg = MLPConfig(dim=2, hidden=16, num_layers=1, fourier_levels=3)
+    model = MLP(cfg)
+    x = torch.tensor([[0.25, -0.5]])
+    feats = model.encode(x)
+    # x itself, then sin(2^l pi x_i) and cos(2^l pi x_i), coordinate-major within each of sin and cos
+    expected = [0.25, -0.5]
+    args = [2 ** l * math.pi * v for v in (0.25, -0.5) for l in range(3)]
+    expected += [math.sin(a) for a in args] + [math.cos(a) for a in args]
+    torch.testing.assert_close(feats, torch.tensor([expected]), rtol=1e-6, atol=1e-6)
+    plain = MLP(MLPConfig(dim=2, hidden=16, num_layers=1))
+    # only the input layer grows: 2 * 2 * 3 more inputs, 16 weights each
+    assert count_parameters(model) - count_parameters(plain) == 2 * 2 * 3 * 16
+    assert torch.equal(plain.encode(x), x)
+
+
 # ---------------------------------------------------------------------------------------------- conditioning
 
 
@@ -314,7 +330,7 @@ def test_bad_config_raises_naming_the_parameter(change, name):
     "change, name",
     [(dict(dim=0), "dim must be an integer >= 1"), (dict(hidden=0), "hidden must be an integer >= 1"),
      (dict(num_layers=0), "num_layers must be an integer >= 1"), (dict(num_classes=-1), "num_classes"),
-     (dict(learn_sigma="yes"), "learn_sigma")],
+     (dict(learn_sigma="yes"), "learn_sigma"), (dict(fourier_levels=-1), "fourier_levels must be an integer >= 0")],
 )
 def test_bad_mlp_config_raises_naming_the_parameter(change, name):
     with pytest.raises(ValueError, match=name):
