@@ -114,3 +114,25 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert report["tests"]["ok"] and report["tests"]["counts"]["passed"] >= 3
     assert report["profile"]["ok"] and (tmp_path / report["profile"]["file"]).is_file()
     assert report["mnist-gpu"]["ok"] and (tmp_path / report["mnist-gpu"]["grid"]).is_file()
+
+
+@pytest.fixture(scope="module")
+def peers():
+    return load_script("peer_quality")
+
+
+def test_peer_batches_visit_every_digit_once_per_epoch(peers):
+    images = torch.arange(10.0).view(10, 1, 1, 1)
+    batches = peers.Batches(images, batch_size=3, seed=0)
+    epoch = torch.cat([batches.next() for _ in range(3)]).flatten()  # 9 of 10: the last partial batch waits
+    assert len(set(epoch.tolist())) == 9
+    assert len(batches.next()) == 3  # a new epoch starts instead of a short batch
+
+
+def test_peer_step_budget_comes_from_the_lower_quartile_of_step_times(peers, monkeypatch):
+    times = iter([0.0, 0.0] + [1.0 + i for i in range(16)])  # two warm-up steps, then 1 s, 2 s, ... 16 s
+    calls = []
+    clock = iter([v for i in range(16) for v in (0.0, 1.0 + i)])
+    monkeypatch.setattr(peers.time, "perf_counter", lambda: next(clock))
+    steps, per_step = peers.steps_for_budget(lambda: calls.append(next(times)), 100.0)
+    assert len(calls) == 18 and per_step == 5.0 and steps == 20  # sorted times [1..16], index 16 // 4 = 4
