@@ -16,7 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "reference").glob("*.ipynb"))
 SAMPLERS = ("ddim_sample(", "ddpm_sample(", "sample(")
 # a cell that shows images: a grid, a denoising trajectory or its animation
-SHOWS_IMAGES = re.compile(r"\b(image_grid|trajectory_figure|trajectory_animation)\(")
+SHOWS_IMAGES = re.compile(r"\b(image_grid|samples_figure|trajectory_figure|trajectory_animation)\(")
+
+
+CODE_COLUMN = 100  # characters of code that the book's code column shows without scrolling sideways
+CHAPTERS = [p for p in NOTEBOOKS if p.parent.name == "notebooks"]
 
 
 def cells(path: Path) -> list[dict]:
@@ -46,8 +50,11 @@ def test_imports_the_package_and_glues_its_numbers(path):
     code = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "code")
     assert "from ddpm" in code or "import ddpm" in code, f"{path.name} does not use the ddpm package"
     prose = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "markdown")
+    glued = set(re.findall(r'glue\(\s*"([A-Za-z0-9_]+)"', code))
+    if "clock.glue()" in code:  # ddpm.book.PageClock glues the page's run time and profile
+        glued |= {"run_time", "run_profile"}
     for key in re.findall(r"\{glue:text\}`([A-Za-z0-9_]+)", prose):
-        assert f'glue("{key}"' in code or "glue(f\"" in code, f"{path.name}: prose pastes {key!r}, never glued"
+        assert key in glued or re.search(r'glue\(\s*f"', code), f"{path.name}: prose pastes {key!r}, never glued"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -72,3 +79,41 @@ def test_figures_of_samples_are_followed_by_their_provenance(path):
         following = code_cells[i: i + 3]
         assert any("provenance(" in code for code in following), (
             f"{path.name}: the figure of samples in code cell {i} is not followed by a provenance line")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_each_notebook_opens_with_what_it_shows_and_ends_with_takeaways_and_exercises(path):
+    prose = [source(c) for c in cells(path) if c["cell_type"] == "markdown"]
+    assert "About this page" in prose[0], f"{path.name}: the first cell has no 'About this page' box"
+    for part in ("**What it shows:**", "**Prerequisites:**", "**Run time:**"):
+        assert part in prose[0], f"{path.name}: the 'About this page' box lacks {part}"
+    text = "\n".join(prose)
+    assert "{admonition} Key takeaways" in text, f"{path.name}: no 'Key takeaways' admonition"
+    exercises = text[text.index("## Exercises"):] if "## Exercises" in text else ""
+    assert re.search(r"^\d\. ", exercises, re.M), f"{path.name}: no numbered exercises"
+    assert ":class: dropdown" in exercises, f"{path.name}: the exercises have no solutions in a dropdown"
+    code = [source(c) for c in cells(path) if c["cell_type"] == "code"]
+    assert "clock.glue()" in code[-1], f"{path.name}: the last cell must glue the page's run time"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_share_one_glue_and_hide_their_plumbing(path):
+    code_cells = [c for c in cells(path) if c["cell_type"] == "code"]
+    for cell in code_cells:
+        assert "from myst_nb import glue" not in source(cell), f"{path.name}: glue comes from ddpm.book"
+        assert "display(HTML(" not in source(cell) or "animation_html" in source(cell), (
+            f"{path.name}: tables come from ddpm.book.table, not raw HTML")
+    hidden = sum(bool(set(c.get("metadata", {}).get("tags", [])) & {"hide-input", "remove-input", "remove-cell"})
+                 for c in code_cells)
+    assert hidden >= len(code_cells) // 2, f"{path.name}: only {hidden} of {len(code_cells)} code cells hide their input"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_code_lines_fit_the_code_column(path):
+    for cell in cells(path):
+        tags = set(cell.get("metadata", {}).get("tags", []))
+        if cell["cell_type"] != "code" or tags & {"remove-input", "remove-cell"}:
+            continue
+        for line in source(cell).splitlines():
+            assert len(line) <= CODE_COLUMN, f"{path.name}: a code line of {len(line)} characters: {line[:60]}..."
+

@@ -71,15 +71,31 @@ def show_images(images: Tensor | np.ndarray, nrow: int | None = None, title: str
 
 
 def forward_strip(schedule, x0: Tensor, timesteps: Sequence[int], generator: torch.Generator | None = None):
-    """Rows of images x_0 noised to each of ``timesteps`` by q(x_t | x_0), one column per t (0-based)."""
+    """Images x_0 noised to each of ``timesteps`` by q(x_t | x_0), one column per t (0-based).
+
+    ``schedule``: one NoiseSchedule, or a mapping name -> schedule for one labelled band of rows per schedule.
+    All schedules noise the digits with the same draw of noise, so the bands differ only by the schedule.
+    """
     import matplotlib.pyplot as plt
 
+    schedules = dict(schedule) if isinstance(schedule, Mapping) else {"": schedule}
     n = x0.shape[0]
-    fig, axes = plt.subplots(1, len(timesteps), figsize=(1.4 * len(timesteps), 1.4 * n + 0.4), squeeze=False)
-    for ax, t in zip(axes[0], timesteps):
-        x_t = schedule.q_sample(x0, torch.full((n,), int(t), dtype=torch.long), generator=generator)
-        _imshow(ax, image_grid(x_t, nrow=1))
-        ax.set_title(f"t = {int(t)}", fontsize=9)
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    fig, axes = plt.subplots(len(schedules), len(timesteps), squeeze=False,
+                             figsize=(1.0 * len(timesteps) + 0.5, (1.0 * n + 0.3) * len(schedules) + 0.2))
+    for row, (name, sched) in enumerate(schedules.items()):
+        for ax, t in zip(axes[row], timesteps):
+            x_t = sched.q_sample(x0, torch.full((n,), int(t), dtype=torch.long), noise)
+            _imshow(ax, image_grid(x_t, nrow=1))
+            if row == 0:
+                ax.set_title(f"t = {int(t)}", fontsize=9)
+        if name:
+            axes[row][0].set_axis_on()
+            axes[row][0].set_xticks([])
+            axes[row][0].set_yticks([])
+            for spine in axes[row][0].spines.values():
+                spine.set_visible(False)
+            axes[row][0].set_ylabel(name, fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -267,7 +267,8 @@ def test_theory_versus_practice_table(html_dir):
         cells = row.select("td")
         pasted = [span.get_text() for span in row.select("span.pasted-text")]
         assert any(re.search(r"\d", p) for p in pasted), f"no measured number in row {cells[0].get_text()[:60]!r}"
-        assert pasted and pasted[-1] in ("held", "did not hold"), f"no verdict in row {cells[0].get_text()[:60]!r}"
+        assert pasted and pasted[-1] in ("held", "did not hold", "inconclusive"), (
+            f"no verdict in row {cells[0].get_text()[:60]!r}")
 
 
 def test_benchmark_page_shows_the_recorded_results(html_dir):
