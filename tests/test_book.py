@@ -132,3 +132,9 @@ def test_samples_figure_wraps_panels_into_rows():
     fig = book.samples_figure({str(k): x for k in range(3)}, nrow=5, columns=2)
     visible = [ax for ax in fig.axes if ax.get_title()]
     assert len(fig.axes) == 4 and len(visible) == 3  # a 2x2 layout, the fourth panel empty
+
+
+def test_wrap_folds_to_the_code_column():
+    text = "word " * 60
+    assert max(len(line) for line in book.wrap(text).splitlines()) <= book.CODE_COLUMN
+    assert book.wrap("short") == "short"

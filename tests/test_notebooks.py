@@ -19,7 +19,7 @@ SAMPLERS = ("ddim_sample(", "ddpm_sample(", "sample(")
 SHOWS_IMAGES = re.compile(r"\b(image_grid|samples_figure|trajectory_figure|trajectory_animation)\(")
 
 
-CODE_COLUMN = 100  # characters of code that the book's code column shows without scrolling sideways
+CODE_COLUMN = 82  # characters of code that the book's code column shows without scrolling sideways (1,300 px window)
 CHAPTERS = [p for p in NOTEBOOKS if p.parent.name == "notebooks"]
 
 

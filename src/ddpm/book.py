@@ -19,10 +19,18 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-__all__ = ["VERDICTS", "Comparison", "PageClock", "compare", "glue", "samples_figure", "table", "verdict",
-           "verdict_close"]
+__all__ = ["CODE_COLUMN", "VERDICTS", "Comparison", "PageClock", "compare", "glue", "samples_figure", "table",
+           "verdict", "verdict_close", "wrap"]
 
 VERDICTS = ("held", "did not hold", "inconclusive")
+CODE_COLUMN = 80  # characters of text output that the book's code column shows without scrolling
+
+
+def wrap(text: str, width: int = CODE_COLUMN) -> str:
+    """``text`` folded to the book's code column, so that a printed line never scrolls sideways."""
+    import textwrap
+
+    return textwrap.fill(text, width=width)
 
 
 def glue(name: str, value, display: bool = False) -> None:

@@ -236,4 +236,7 @@ def provenance(trained, *, sampler: str, nfe: int, seed: int) -> str:
     """The line printed under a figure of samples: the training provenance of ``trained`` (a
     ``ddpm.cache.TrainedModel``: profile, device, steps, wall time, checkpoint hash) and how the samples
     were drawn (sampler, number of model evaluations, seed)."""
-    return f"Provenance: {trained.provenance()}; sampler {sampler}, {nfe} model evaluations, seed {seed}."
+    import textwrap
+
+    line = f"Provenance: {trained.provenance()}; sampler {sampler}, {nfe} model evaluations, seed {seed}."
+    return textwrap.fill(line, width=80)  # the width of the book's code column
