@@ -49,6 +49,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -94,6 +95,24 @@ def steps_for_budget(step: Callable[[], None], budget_s: float, probes: int = 16
         times.append(time.perf_counter() - start)
     per_step = sorted(times)[len(times) // 4]
     return max(1, int(budget_s / per_step)), per_step
+
+
+def probe_then_train(module: nn.Module, fresh: Callable, budget_s: float) -> tuple[int, float, float, object]:
+    """Time a probe, restore the initial weights, then train for the budget: (steps, s per step, train s, ema).
+
+    ``fresh(total_steps)`` builds a new optimiser, schedule and EMA and returns ``(step, ema)``; the probe gets one
+    with a placeholder length, the real run one that knows where it ends (a decaying learning rate needs it).
+    """
+    initial = copy.deepcopy(module.state_dict())
+    probe_step, _ = fresh(10_000)
+    steps, per_step = steps_for_budget(probe_step, budget_s)
+    module.load_state_dict(initial)
+    step, ema = fresh(steps)
+    module.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps, per_step, time.perf_counter() - start, ema
 
 
 # ----------------------------------------------------------------------------------------------------- ours
@@ -161,16 +180,7 @@ def run_diffusers(budget_s: float, n: int, seed: int, target: int) -> dict:
         ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
         return make_step(optimizer, lr_scheduler, ema), ema
 
-    initial = copy.deepcopy(model.state_dict())
-    probe_step, _ = fresh(10_000)
-    steps, per_step = steps_for_budget(probe_step, budget_s)
-    model.load_state_dict(initial)
-    step, ema = fresh(steps)
-    model.train()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    train_s = time.perf_counter() - start
+    steps, per_step, train_s, ema = probe_then_train(model, fresh, budget_s)
     ema.copy_to(model.parameters())
     model.eval()
     pipe = DDIMPipeline(unet=model, scheduler=DDIMScheduler.from_config(scheduler.config))
@@ -217,16 +227,7 @@ def run_lucidrains(budget_s: float, n: int, seed: int, target: int) -> dict:
             ema.update()
         return step, ema
 
-    initial = copy.deepcopy(diffusion.state_dict())
-    probe_step, _ = fresh()
-    steps, per_step = steps_for_budget(probe_step, budget_s)
-    diffusion.load_state_dict(initial)
-    step, ema = fresh()
-    diffusion.train()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    train_s = time.perf_counter() - start
+    steps, per_step, train_s, ema = probe_then_train(diffusion, lambda total_steps: fresh(), budget_s)
     sampler = ema.ema_model.eval()
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -280,8 +281,6 @@ def main() -> None:
             raise SystemExit(f"{name} has {run['parameters']:,} parameters, more than 10% from ours ({target:,})")
         samples = run.pop("samples")
         fid = fid_with_error(classifier_outputs(classifier, samples)["features"], reference)
-        from PIL import Image
-
         Image.fromarray(image_grid(samples[:100], nrow=10).squeeze(-1)).save(RESULTS / f"peer_{name}.png")
         run.update(fid=round(fid["fid"], 2), fid_std=round(fid["std"], 2), train_s=round(run["train_s"], 1),
                    sampling_s=round(run["sampling_s"], 1), probe_s_per_step=round(run["probe_s_per_step"], 4),

@@ -19,19 +19,12 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from .plotting import CODE_COLUMN, _imshow, image_grid, wrap  # noqa: F401  (CODE_COLUMN and wrap: re-exported)
+
 __all__ = ["CODE_COLUMN", "VERDICTS", "Comparison", "PageClock", "compare", "glue", "samples_figure", "table",
            "verdict", "verdict_close", "wrap"]
 
 VERDICTS = ("held", "did not hold", "inconclusive")
-CODE_COLUMN = 80  # characters of text output that the book's code column shows without scrolling
-
-
-def wrap(text: str, width: int = CODE_COLUMN) -> str:
-    """``text`` folded to the book's code column, so that a printed line never scrolls sideways."""
-    import textwrap
-
-    return textwrap.fill(text, width=width)
-
 
 def glue(name: str, value, display: bool = False) -> None:
     """MyST-NB's ``glue`` (hidden by default: the value appears where the text references it); print outside the
@@ -150,8 +143,6 @@ def samples_figure(panels: dict, nrow: int, pixels: int = 40, columns: int | Non
     """
     import matplotlib.pyplot as plt
 
-    from .plotting import image_grid
-
     grids = {name: image_grid(x, nrow=nrow) for name, x in panels.items()}
     columns = columns or len(grids)
     rows = math.ceil(len(grids) / columns)
@@ -163,7 +154,7 @@ def samples_figure(panels: dict, nrow: int, pixels: int = 40, columns: int | Non
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, (name, grid) in zip(axes.flat, grids.items()):
-        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest")
+        _imshow(ax, grid)
         ax.set_title(name, fontsize=title_size)
     fig.tight_layout(pad=0.3)
     return fig

@@ -8,14 +8,22 @@ what to show and how to caption it.
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["to_uint8", "image_grid", "show_images", "forward_strip", "TrajectoryRecorder", "trajectory_figure",
-           "trajectory_animation", "animation_html", "schedule_plot", "points_figure", "provenance"]
+__all__ = ["CODE_COLUMN", "wrap", "to_uint8", "image_grid", "show_images", "forward_strip", "TrajectoryRecorder",
+           "trajectory_figure", "trajectory_animation", "animation_html", "schedule_plot", "points_figure", "provenance"]
+
+CODE_COLUMN = 80  # characters of printed text that the book's code column shows without scrolling sideways
+
+
+def wrap(text: str, width: int = CODE_COLUMN) -> str:
+    """``text`` folded to the book's code column, so that a printed line never scrolls sideways."""
+    return textwrap.fill(text, width=width)
 
 
 def to_uint8(x: Tensor | np.ndarray) -> np.ndarray:
@@ -236,7 +244,4 @@ def provenance(trained, *, sampler: str, nfe: int, seed: int) -> str:
     """The line printed under a figure of samples: the training provenance of ``trained`` (a
     ``ddpm.cache.TrainedModel``: profile, device, steps, wall time, checkpoint hash) and how the samples
     were drawn (sampler, number of model evaluations, seed)."""
-    import textwrap
-
-    line = f"Provenance: {trained.provenance()}; sampler {sampler}, {nfe} model evaluations, seed {seed}."
-    return textwrap.fill(line, width=80)  # the width of the book's code column
+    return wrap(f"Provenance: {trained.provenance()}; sampler {sampler}, {nfe} model evaluations, seed {seed}.")
