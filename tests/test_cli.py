@@ -132,6 +132,21 @@ def test_sample_png_and_npz(tmp_path, capsys, image_ckpt):
         assert f.files == ["arr_0"]  # unconditional samples carry no labels
 
 
+@pytest.mark.parametrize("sampler, steps, evaluations", [("heun", "3", 5), ("dpm++2m", "4", 4)])
+def test_sample_with_the_solvers_counts_network_evaluations(tmp_path, capsys, image_ckpt, sampler, steps, evaluations):
+    code, out, _ = run(capsys, "sample", "--checkpoint", image_ckpt, "--sampler", sampler, "--steps", steps, "--n", "4",
+                       "--guidance-scale", "1", "--out", tmp_path / "s.npz")
+    assert code == 0 and f"({sampler}, {evaluations} network evaluations" in out
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (4, 28, 28, 1)
+
+
+def test_sampler_names_of_the_command_line_are_the_package_samplers():
+    from ddpm.samplers import SAMPLERS
+
+    assert cli.SAMPLER_NAMES == SAMPLERS
+
+
 @pytest.mark.parametrize("var_type", ["fixed_large", "fixed_small"])
 def test_ancestral_sampling_uses_the_variance_the_model_was_trained_with(tmp_path, capsys, monkeypatch, var_type):
     import ddpm.samplers as samplers

@@ -170,3 +170,20 @@ def test_bad_input_names_the_parameter():
         sched.respace("ddim11")
     with pytest.raises(ValueError, match="section_counts"):
         sched.respace("0")
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_v_parameterisation_converts_to_x0_and_eps_and_back(name):
+    """v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho 2022); with x_t it gives back x_0 and eps."""
+    sched = NoiseSchedule.from_name(name, 1000)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 1, 3, 3, generator=gen, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 1, 100, 500, 900, 999])
+    x_t = sched.q_sample(x0, t, eps)
+    v = sched.v_from_x0_eps(x0, eps, t)
+    assert torch.allclose(sched.predict_x0_from_v(x_t, t, v), x0, atol=1e-9)
+    assert torch.allclose(sched.predict_eps_from_v(x_t, t, v), eps, atol=1e-9)
+    # x_t and v are a rotation of (x_0, eps) by the angle phi with cos phi = sqrt(ab)
+    assert torch.allclose(x_t ** 2 + v ** 2, x0 ** 2 + eps ** 2, atol=1e-9)
+    assert torch.allclose(sched.predict_x0_from_eps(x_t, t, sched.predict_eps_from_v(x_t, t, v)), x0, atol=1e-9)

@@ -1,4 +1,4 @@
-"""Samplers: ancestral DDPM (fixed or learned variance, full or respaced) and DDIM.
+"""Samplers: ancestral DDPM (fixed or learned variance, full or respaced), DDIM, Heun and DPM-Solver++(2M).
 
 Every sampler is a plain function with one signature: the model, the schedule, a shape (or x_T), the
 number of steps, a ``generator``, class labels ``y``, a ``callback(t, x_t, pred_x0)`` called after each
@@ -9,14 +9,21 @@ step, a ``guidance`` hook and ``progress=False``. One reverse step is a visible 
 * Respacing: Nichol & Dhariwal 2021, Sec. 4: the schedule is cut to the kept steps
   (``NoiseSchedule.respace``) and the model is still given the original timesteps.
 * DDIM: Song et al. 2021, Eq. 12, with eta = 0 deterministic and eta = 1 matching the ancestral variance.
+* Heun: Karras et al. 2022, Algorithm 1 (second order, a last Euler step to sigma = 0), in their variables
+  x_hat = x / sqrt(alpha_bar) and sigma = sqrt((1 - alpha_bar) / alpha_bar), where eta = 0 DDIM is Euler.
+* DPM-Solver++(2M): Lu et al. 2022b, Algorithm 2 (multistep, second order, data prediction).
+  Both walk the model's own timesteps, chosen by ``solver_timesteps`` (uniform in t, in log-SNR or Karras).
 * Guidance: ``Guidance.cond_grad`` shifts the ancestral mean (Dhariwal & Nichol 2021, Algorithm 1) and the
   DDIM eps (their Algorithm 2); ``Guidance.model_output`` lets classifier-free guidance combine two passes.
-The book explains each in ``theory/ddpm.md``, ``theory/faster_sampling.md`` and ``theory/guided_diffusion.md``.
+The book explains each in ``theory/ddpm.md``, ``theory/faster_sampling.md``, ``theory/continuous_time.md`` and
+``theory/guided_diffusion.md``.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
+
+import math
 
 import torch
 from torch import Tensor
@@ -24,10 +31,14 @@ from torch import Tensor
 from .losses import p_mean_variance, split_output
 from .schedule import NoiseSchedule, randn_like
 
-__all__ = ["Guidance", "model_output", "p_sample_step", "ddpm_sample", "ddim_step", "ddim_sample", "sample",
-           "sample_in_batches", "SAMPLERS", "respaced"]
+__all__ = ["Guidance", "model_output", "p_sample_step", "ddpm_sample", "ddim_step", "ddim_sample", "heun_sample",
+           "dpm_solver_sample", "solver_timesteps", "nfe", "sample", "sample_in_batches", "SAMPLERS", "SPACINGS",
+           "respaced"]
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "heun", "dpm++2m")
+SPACINGS = ("uniform", "logsnr", "karras")
+KARRAS_RHO = 7.0  # Karras et al. (2022), Eq. 5
+DEFAULT_STEPS = {"heun": 18, "dpm++2m": 20}  # EDM's 35 NFE; DPM-Solver++'s 20 NFE
 Callback = Callable[[int, Tensor, Tensor], None]
 
 
@@ -86,7 +97,8 @@ def _initial_noise(model, schedule, shape, x_T, generator, device) -> Tensor:
     if shape is None:
         raise ValueError("give either shape (e.g. (16, 1, 28, 28)) or x_T")
     if device is None:
-        device = next(iter(model.parameters())).device if hasattr(model, "parameters") else "cpu"
+        tensors = [*model.parameters(), *model.buffers()] if hasattr(model, "parameters") else []
+        device = tensors[0].device if tensors else "cpu"
     return randn_like(torch.empty(tuple(shape), device=device), generator)
 
 
@@ -206,15 +218,156 @@ def ddim_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = No
     return x
 
 
+def solver_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr") -> Tensor:
+    """The ``steps`` timesteps a solver visits, as descending 0-based indices into ``schedule`` ``[steps]``.
+
+    ``"uniform"``: evenly spread in t from T - 1 down, trailing (T - 1, T - 1 - T/N, ..., T/N - 1), so the last
+    jump to x_0 is as long as the others. ``"logsnr"``: evenly spread in lambda = log(alpha / sigma) between
+    steps T - 1 and 0 (Lu et al. 2022). ``"karras"``: sigma_i^(1/rho) evenly spread, rho = 7, with the EDM
+    sigma = sqrt((1 - alpha_bar) / alpha_bar) between steps T - 1 and 0 (Karras et al. 2022, Eq. 5). Each
+    value is snapped to the nearest step of the schedule, and collisions are pushed apart.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    T = schedule.T
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an int in [1, T={T}], got {steps!r}")
+    if spacing == "uniform":
+        idx = [round(T - 1 - k * T / steps) for k in range(steps)]
+    else:
+        ab = schedule.alpha_bar
+        coord = 0.5 * torch.log(ab / (1 - ab)) if spacing == "logsnr" else ((1 - ab) / ab) ** (0.5 / KARRAS_RHO)
+        targets = torch.linspace(float(coord[-1]), float(coord[0]), steps, dtype=torch.float64)
+        idx = (coord.unsqueeze(0) - targets.unsqueeze(1)).abs().argmin(dim=1).tolist()
+    idx[0] = min(idx[0], T - 1)
+    for k in range(1, steps):  # strictly decreasing ...
+        idx[k] = min(idx[k], idx[k - 1] - 1)
+    for k in range(steps):  # ... and room for the steps after (the max of two decreasing sequences decreases)
+        idx[k] = max(idx[k], steps - 1 - k)
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def nfe(sampler: str, steps: int | None, T: int = 1000) -> int:
+    """Network evaluations of one sample (without guidance, which doubles the batch, not the count).
+
+    Ancestral, DDIM and DPM-Solver++(2M): one per step. Heun: two per noise level but the last, 2N - 1.
+    ``steps=None`` is the sampler's default: T for ancestral and DDIM.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    n = steps if steps is not None else DEFAULT_STEPS.get(sampler, T)
+    return 2 * n - 1 if sampler == "heun" else n
+
+
+def _eps_and_x0(model, schedule: NoiseSchedule, x: Tensor, i: int, y, guidance: Guidance,
+                clip_denoised: bool) -> tuple[Tensor, Tensor]:
+    """The (guided) eps and x_0 prediction at step index i, x_0 clipped to [-1, 1] and eps made consistent."""
+    t = _batch_t(i, x)
+    eps, _ = split_output(model_output(model, schedule, x, t, y, guidance), x)
+    grad = guidance.cond_grad(x, schedule.timestep_map.to(x.device)[t], y)
+    if grad is not None:  # Dhariwal & Nichol Algorithm 2: the classifier shifts eps
+        eps = eps - schedule.extract(schedule.sqrt_one_minus_alpha_bar, t, x) * grad
+    x0 = schedule.predict_x0_from_eps(x, t, eps)
+    if clip_denoised:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = schedule.predict_eps_from_x0(x, t, x0)
+    return eps, x0
+
+
+def _solver_steps(schedule: NoiseSchedule, steps: int, spacing: str, progress: bool, desc: str):
+    """Pairs (i, j) of consecutive step indices, the last pair ending at j = -1 (sigma = 0, x_0)."""
+    idx = solver_timesteps(schedule, steps, spacing).tolist()
+    pairs = list(zip(idx, idx[1:] + [-1]))
+    if progress:
+        from tqdm.auto import tqdm
+        return tqdm(pairs, desc=desc, leave=False)
+    return pairs
+
+
+@torch.no_grad()
+def heun_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = None, *, x_T: Tensor | None = None,
+                steps: int | None = None, spacing: str = "karras", y: Tensor | None = None,
+                generator: torch.Generator | None = None, callback: Callback | None = None,
+                guidance: Guidance | None = None, clip_denoised: bool = True, progress: bool = False,
+                device=None, var_type: str | None = None) -> Tensor:
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1, S_churn = 0).
+
+    In x_hat = x / sqrt(alpha_bar) and sigma = sqrt((1 - alpha_bar) / alpha_bar) the ODE reads
+    d x_hat / d sigma = eps(x, t). Each of the ``steps`` noise levels (default 18) takes an Euler step (which is
+    exactly a DDIM step) and corrects it with the slope at its end; the last step, to sigma = 0, stays Euler.
+    NFE = 2 steps - 1. ``generator`` only draws x_T. ``var_type`` is ignored. Returns x_0 [N, ...].
+    """
+    guidance = guidance or _NO_GUIDANCE
+    steps = DEFAULT_STEPS["heun"] if steps is None else steps
+    x = _initial_noise(model, schedule, shape, x_T, generator, device)
+    ab = schedule.alpha_bar.tolist()
+    for i, j in _solver_steps(schedule, steps, spacing, progress, "Heun"):
+        eps, x0 = _eps_and_x0(model, schedule, x, i, y, guidance, clip_denoised)
+        if callback is not None:
+            callback(int(schedule.timestep_map[i]), x, x0)
+        ab_j = ab[j] if j >= 0 else 1.0
+        sigma_i, sigma_j = math.sqrt((1 - ab[i]) / ab[i]), math.sqrt((1 - ab_j) / ab_j)
+        x_hat = x / math.sqrt(ab[i])
+        x_next = math.sqrt(ab_j) * (x_hat + (sigma_j - sigma_i) * eps)  # Euler
+        if j >= 0:
+            eps_next, _ = _eps_and_x0(model, schedule, x_next, j, y, guidance, clip_denoised)
+            x_next = math.sqrt(ab_j) * (x_hat + (sigma_j - sigma_i) * 0.5 * (eps + eps_next))  # trapezoid
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def dpm_solver_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = None, *,
+                      x_T: Tensor | None = None, steps: int | None = None, spacing: str = "logsnr", order: int = 2,
+                      y: Tensor | None = None, generator: torch.Generator | None = None,
+                      callback: Callback | None = None, guidance: Guidance | None = None,
+                      clip_denoised: bool = True, progress: bool = False, device=None,
+                      var_type: str | None = None) -> Tensor:
+    """DPM-Solver++ (Lu et al. 2022b, Algorithm 2): multistep, data prediction, ``order`` 2 (2M) or 1 (= DDIM).
+
+    With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma), h = lambda_j -
+    lambda_i, one step is x_j = (sigma_j / sigma_i) x_i - alpha_j (e^{-h} - 1) D, where D is the x_0
+    prediction (order 1, and the first step) or (1 + 1/(2r)) x0_i - 1/(2r) x0_prev with r = h_prev / h.
+    The last step, to sigma = 0, returns the x_0 prediction. NFE = steps (default 20). ``generator`` only
+    draws x_T; ``var_type`` is ignored. Returns x_0 [N, ...].
+    """
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    guidance = guidance or _NO_GUIDANCE
+    steps = DEFAULT_STEPS["dpm++2m"] if steps is None else steps
+    x = _initial_noise(model, schedule, shape, x_T, generator, device)
+    ab = schedule.alpha_bar.tolist()
+    x0_prev, h_prev = None, None
+    for i, j in _solver_steps(schedule, steps, spacing, progress, "DPM-Solver++"):
+        _, x0 = _eps_and_x0(model, schedule, x, i, y, guidance, clip_denoised)
+        if callback is not None:
+            callback(int(schedule.timestep_map[i]), x, x0)
+        if j < 0:
+            x = x0
+            break
+        h = 0.5 * math.log(ab[j] / (1 - ab[j])) - 0.5 * math.log(ab[i] / (1 - ab[i]))
+        d = x0
+        if order == 2 and x0_prev is not None:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = math.sqrt((1 - ab[j]) / (1 - ab[i])) * x - math.sqrt(ab[j]) * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
 def sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = None, *, sampler: str = "ddpm",
            **kwargs) -> Tensor:
-    """Dispatch to ``ddpm_sample`` or ``ddim_sample`` by name; the keyword arguments are theirs."""
-    if sampler == "ddpm":
+    """Dispatch by name to ``ddpm_sample``, ``ddim_sample``, ``heun_sample`` or ``dpm_solver_sample``.
+
+    The keyword arguments are theirs; ``eta`` is dropped for the samplers that have none, and ``steps=None``
+    means each sampler's default.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if sampler != "ddim":
         kwargs.pop("eta", None)
-        return ddpm_sample(model, schedule, shape, **kwargs)
-    if sampler == "ddim":
-        return ddim_sample(model, schedule, shape, **kwargs)
-    raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    fn = {"ddpm": ddpm_sample, "ddim": ddim_sample, "heun": heun_sample, "dpm++2m": dpm_solver_sample}[sampler]
+    return fn(model, schedule, shape, **kwargs)
 
 
 def sample_in_batches(model, schedule: NoiseSchedule, shape: Sequence[int], n: int, *, batch_size: int,

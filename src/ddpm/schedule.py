@@ -255,6 +255,18 @@ class NoiseSchedule:
         """eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t), Eq. 4 solved for eps."""
         return (self.extract(self.sqrt_recip_alpha_bar, t, x_t) * x_t - x0) / self.extract(self.sqrt_recipm1_alpha_bar, t, x_t)
 
+    def v_from_x0_eps(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The velocity v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, Sec. 4)."""
+        return self.extract(self.sqrt_alpha_bar, t, x0) * eps - self.extract(self.sqrt_one_minus_alpha_bar, t, x0) * x0
+
+    def predict_x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v."""
+        return self.extract(self.sqrt_alpha_bar, t, x_t) * x_t - self.extract(self.sqrt_one_minus_alpha_bar, t, x_t) * v
+
+    def predict_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """eps = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v."""
+        return self.extract(self.sqrt_one_minus_alpha_bar, t, x_t) * x_t + self.extract(self.sqrt_alpha_bar, t, x_t) * v
+
     def snr(self, t: Tensor | None = None) -> Tensor:
         """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) (float64), at ``t`` or for every step."""
         snr = self.alpha_bar / (1.0 - self.alpha_bar)
