@@ -201,3 +201,16 @@ def test_sample_in_batches_is_the_batches_drawn_in_turn():
              for i, b in ((0, 2), (2, 2), (4, 1))]
     assert out.shape == (5, 1, 2, 2) and torch.equal(out, torch.cat(parts))
     assert seen[0] == [0, 1] and seen[5] == [2, 3] and seen[10] == [4]  # each batch gets its own labels
+
+
+def test_sample_in_batches_cuts_the_starting_noise_with_the_labels():
+    """Batches of a given x_T give the run of the whole x_T (a deterministic sampler), and a wrong size is refused."""
+    sched = NoiseSchedule.linear(50)
+    x_T = torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    model = lambda x, t, y=None: 0.1 * x + (0.0 if y is None else 0.01 * y.reshape(-1, 1, 1, 1))  # noqa: E731
+    y = torch.arange(5)
+    whole = sample(model, sched, x_T=x_T, y=y, sampler="dpm++2m", steps=4)
+    parts = sample_in_batches(model, sched, (1, 2, 2), 5, batch_size=2, x_T=x_T, y=y, sampler="dpm++2m", steps=4)
+    assert torch.allclose(parts, whole, atol=1e-6)
+    with pytest.raises(ValueError, match="x_T must hold n=5"):
+        sample_in_batches(model, sched, (1, 2, 2), 5, batch_size=2, x_T=x_T[:4], sampler="ddim", steps=4)

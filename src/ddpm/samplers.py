@@ -371,16 +371,19 @@ def sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = None, *
 
 
 def sample_in_batches(model, schedule: NoiseSchedule, shape: Sequence[int], n: int, *, batch_size: int,
-                      y: Tensor | None = None, **kwargs) -> Tensor:
+                      y: Tensor | None = None, x_T: Tensor | None = None, **kwargs) -> Tensor:
     """``n`` samples of ``shape`` (one image, e.g. (1, 28, 28)) drawn ``batch_size`` at a time with :func:`sample`.
 
-    ``y``: labels ``[n]`` or None, cut into the same batches. The keyword arguments (``sampler``, ``steps``,
-    ``generator``, ``guidance``, ...) go to every call; one generator is used by the batches in turn. Returns
-    ``[n, *shape]`` on the CPU.
+    ``y``: labels ``[n]`` or None, and ``x_T``: starting noise ``[n, *shape]`` or None, cut into the same batches.
+    The keyword arguments (``sampler``, ``steps``, ``generator``, ``guidance``, ...) go to every call; one
+    generator is used by the batches in turn. Returns ``[n, *shape]`` on the CPU.
     """
+    for name, given in (("y", y), ("x_T", x_T)):
+        if given is not None and len(given) != n:
+            raise ValueError(f"{name} must hold n={n} rows, got {len(given)}")
     out = []
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
-        out.append(sample(model, schedule, (b, *shape), y=None if y is None else y[i: i + b], **kwargs).cpu())
+        part = {"y": None if y is None else y[i: i + b], "x_T": None if x_T is None else x_T[i: i + b]}
+        out.append(sample(model, schedule, (b, *shape), **part, **kwargs).cpu())
     return torch.cat(out)
-
