@@ -84,7 +84,8 @@ class GaussianMixtureEps(nn.Module):
         return s.reshape(x.shape).to(x.dtype)
 
     def log_density(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """log q(x_t | y) ``[N]``."""
+        """log q(x_t) ``[N]`` for y None or the null label; for a label y = k the joint log q(x_t, k) =
+        log w_k + log N(x_t; component k), whose gradient in x is that of log q(x_t | k)."""
         _, logp, _, _ = self._log_resp_and_terms(x, t, y)
         return torch.logsumexp(logp, dim=1).to(x.dtype)
 
