@@ -33,6 +33,7 @@ THEORY_CHAPTERS = [
     "theory/ddpm",
     "theory/improved_ddpm",
     "theory/faster_sampling",
+    "theory/continuous_time",
     "theory/guided_diffusion",
     "theory/evaluation",
 ]
