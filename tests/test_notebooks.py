@@ -33,7 +33,7 @@ def source(cell: dict) -> str:
 
 def test_the_book_has_its_notebooks():
     names = {p.stem for p in NOTEBOOKS}
-    assert {"forward_process", "toy_2d", "training_mnist", "sampling", "improved_ddpm", "guidance",
+    assert {"forward_process", "toy_2d", "training_mnist", "sampling", "solvers", "improved_ddpm", "guidance",
             "evaluation", "benchmarks"} <= names, names
 
 
