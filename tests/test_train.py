@@ -80,7 +80,7 @@ def test_config_round_trips_through_json():
     ({"model": {**TINY_UNET, "learn_sigma": False}, "var_type": None}, "'hybrid' needs a learned variance"),
     ({"model": {**TINY_UNET, "num_classes": None}}, "label_dropout > 0 needs a class-conditional model"),
     ({"model": {**TINY_UNET, "num_classes": 7}}, "does not match the 10 classes"),
-    ({"model": {**TINY_UNET, "in_channels": 3}}, "use model_type 'unet' with in_channels=1"),
+    ({"model": {**TINY_UNET, "in_channels": 3}}, "use model_type 'unet' or 'dit' with in_channels=1"),
     ({"model": {**TINY_UNET, "colour": 1}}, "unknown UNetConfig keys"),
     ({"model_type": "mlp"}, "unknown MLPConfig keys"),
     ({"compile": "yes"}, "compile must be True or False"),

@@ -18,7 +18,7 @@ from .schedule import SCHEDULES, NoiseSchedule
 __all__ = ["FINAL_LR_FRACTION", "LOSS_TYPES", "LR_DECAYS", "MODEL_TYPES", "RESUME_FREE_KEYS", "TIMESTEP_SAMPLERS",
            "TrainConfig", "TrainingDiverged", "build_model", "resume_free_keys"]
 
-MODEL_TYPES = ("unet", "mlp")
+MODEL_TYPES = ("unet", "mlp", "dit")
 TIMESTEP_SAMPLERS = ("uniform", "importance")
 LR_DECAYS = ("constant", "cosine")
 #: With ``lr_decay="cosine"`` the learning rate ends at this fraction of ``lr``.
@@ -48,7 +48,8 @@ class TrainConfig:
 
     Attributes:
         name: a label (the preset name); part of the cache folder's name.
-        model_type: ``"unet"`` (``UNetConfig``) or ``"mlp"`` (``MLPConfig``, 2-D toy data).
+        model_type: ``"unet"`` (``UNetConfig``), ``"dit"`` (``DiTConfig``, a diffusion transformer) or ``"mlp"``
+            (``MLPConfig``, 2-D toy data).
         model: the network's config as a dict of ``UNetConfig`` / ``MLPConfig`` fields.
         dataset: a name from ``ddpm.data.DATASETS``.
         schedule, T: beta schedule (``"linear"`` or ``"cosine"``) and number of diffusion steps.
@@ -125,7 +126,8 @@ class TrainConfig:
         return config
 
     def model_config(self):
-        """The network's config object (``UNetConfig`` or ``MLPConfig``), validated."""
+        """The network's config object (``UNetConfig``, ``MLPConfig`` or ``DiTConfig``), validated."""
+        from .dit import DiTConfig
         from .mlp import MLPConfig
         from .unet import UNetConfig
 
@@ -133,7 +135,7 @@ class TrainConfig:
             raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}; got {self.model_type!r}")
         if not isinstance(self.model, Mapping):
             raise ValueError(f"model must be a dict of {self.model_type} config fields; got {type(self.model).__name__}")
-        cls = UNetConfig if self.model_type == "unet" else MLPConfig
+        cls = {"unet": UNetConfig, "mlp": MLPConfig, "dit": DiTConfig}[self.model_type]
         return cls.from_dict(dict(self.model))
 
     @property
@@ -220,17 +222,18 @@ class TrainConfig:
                 raise ValueError(f"dataset {self.dataset!r} holds 2-D points: use model_type 'mlp' with dim=2")
         else:
             c, h, _ = info.shape
-            if self.model_type != "unet" or mc.in_channels != c or mc.image_size != h:
+            if self.model_type == "mlp" or mc.in_channels != c or mc.image_size != h:
                 raise ValueError(
-                    f"dataset {self.dataset!r} holds {c}x{h}x{h} images: use model_type 'unet' with "
+                    f"dataset {self.dataset!r} holds {c}x{h}x{h} images: use model_type 'unet' or 'dit' with "
                     f"in_channels={c} and image_size={h}"
                 )
 
 
 def build_model(config: TrainConfig) -> torch.nn.Module:
-    """A freshly initialised network for ``config`` (``UNet`` or ``MLP``), on the CPU."""
+    """A freshly initialised network for ``config`` (``UNet``, ``MLP`` or ``DiT``), on the CPU."""
+    from .dit import DiT
     from .mlp import MLP
     from .unet import UNet
 
     mc = config.model_config()
-    return UNet(mc) if config.model_type == "unet" else MLP(mc)
+    return {"unet": UNet, "mlp": MLP, "dit": DiT}[config.model_type](mc)
