@@ -102,12 +102,15 @@ def _initial_noise(model, schedule, shape, x_T, generator, device) -> Tensor:
     return randn_like(torch.empty(tuple(shape), device=device), generator)
 
 
-def _steps(schedule: NoiseSchedule, progress: bool, desc: str):
-    indices = range(schedule.T - 1, -1, -1)
+def _with_progress(items, progress: bool, desc: str):
     if progress:
         from tqdm.auto import tqdm
-        return tqdm(indices, desc=desc, leave=False)
-    return indices
+        return tqdm(items, desc=desc, leave=False)
+    return items
+
+
+def _steps(schedule: NoiseSchedule, progress: bool, desc: str):
+    return _with_progress(range(schedule.T - 1, -1, -1), progress, desc)
 
 
 def p_sample_step(model, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, *, y: Tensor | None = None,
@@ -202,15 +205,7 @@ def ddim_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = No
     sched = respaced(schedule, steps, "ddim")
     x = _initial_noise(model, sched, shape, x_T, generator, device)
     for i in _steps(sched, progress, "DDIM"):
-        t = _batch_t(i, x)
-        eps, _ = split_output(model_output(model, sched, x, t, y, guidance), x)
-        grad = guidance.cond_grad(x, sched.timestep_map.to(x.device)[t], y)
-        if grad is not None:
-            eps = eps - sched.extract(sched.sqrt_one_minus_alpha_bar, t, x) * grad
-        pred_x0 = sched.predict_x0_from_eps(x, t, eps)
-        if clip_denoised:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
-            eps = sched.predict_eps_from_x0(x, t, pred_x0)
+        eps, pred_x0 = _eps_and_x0(model, sched, x, i, y, guidance, clip_denoised)
         x_next = ddim_step(sched, eps, x, i, i - 1, eta=eta, generator=generator)
         if callback is not None:
             callback(int(sched.timestep_map[i]), x, pred_x0)
@@ -261,7 +256,8 @@ def nfe(sampler: str, steps: int | None, T: int = 1000) -> int:
 
 def _eps_and_x0(model, schedule: NoiseSchedule, x: Tensor, i: int, y, guidance: Guidance,
                 clip_denoised: bool) -> tuple[Tensor, Tensor]:
-    """The (guided) eps and x_0 prediction at step index i, x_0 clipped to [-1, 1] and eps made consistent."""
+    """The (guided) eps and x_0 prediction at step index i, x_0 clipped to [-1, 1] and eps made consistent; the
+    evaluation that DDIM, Heun and DPM-Solver++ share."""
     t = _batch_t(i, x)
     eps, _ = split_output(model_output(model, schedule, x, t, y, guidance), x)
     grad = guidance.cond_grad(x, schedule.timestep_map.to(x.device)[t], y)
@@ -277,11 +273,7 @@ def _eps_and_x0(model, schedule: NoiseSchedule, x: Tensor, i: int, y, guidance: 
 def _solver_steps(schedule: NoiseSchedule, steps: int, spacing: str, progress: bool, desc: str):
     """Pairs (i, j) of consecutive step indices, the last pair ending at j = -1 (sigma = 0, x_0)."""
     idx = solver_timesteps(schedule, steps, spacing).tolist()
-    pairs = list(zip(idx, idx[1:] + [-1]))
-    if progress:
-        from tqdm.auto import tqdm
-        return tqdm(pairs, desc=desc, leave=False)
-    return pairs
+    return _with_progress(list(zip(idx, idx[1:] + [-1])), progress, desc)
 
 
 @torch.no_grad()
