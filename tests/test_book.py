@@ -138,3 +138,29 @@ def test_wrap_folds_to_the_code_column():
     text = "word " * 60
     assert max(len(line) for line in book.wrap(text).splitlines()) <= book.CODE_COLUMN
     assert book.wrap("short") == "short"
+
+
+def test_saved_activation_bytes_counts_what_backward_keeps():
+    from ddpm.book import saved_activation_bytes
+
+    layer = torch.nn.Linear(6, 5)
+    x = torch.randn(8, 6)
+    # addmm keeps its input (8x6) for the weight's gradient and ReLU its output (8x5); the weight is excluded
+    assert saved_activation_bytes(lambda: layer(x).relu().sum(), exclude=layer.parameters()) == 4 * 8 * (6 + 5)
+    # when the input needs a gradient too, addmm also keeps the weight (6x5): counted unless it is excluded
+    xg = x.clone().requires_grad_()
+    assert saved_activation_bytes(lambda: layer(xg).relu().sum()) == 4 * (8 * (6 + 5) + 6 * 5)
+    assert saved_activation_bytes(lambda: layer(xg).relu().sum(), exclude=layer.parameters()) == 4 * 8 * (6 + 5)
+    assert saved_activation_bytes(lambda: (x * x).sum()) == 0  # nothing requires a gradient: nothing is kept
+    double = saved_activation_bytes(lambda: layer(torch.cat([x, x])).relu().sum(), exclude=layer.parameters())
+    assert double == 2 * 4 * 8 * (6 + 5)  # activations grow with the batch
+
+
+def test_model_source_says_whether_the_model_was_trained_here():
+    from types import SimpleNamespace
+
+    assert book.model_source(SimpleNamespace(info={"cached": True})) == "loaded from the model cache"
+    fresh = SimpleNamespace(info={"cached": False, "wall_time_s": 600.0})
+    assert book.model_source(fresh).startswith("trained in this run (10.0 minutes)")
+    latent = SimpleNamespace(info={"cached": False, "wall_time_s": 300.0, "autoencoder_seconds": 120.0})
+    assert "(7.0 minutes)" in book.model_source(latent)

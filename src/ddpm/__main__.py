@@ -196,7 +196,7 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from .cache import load_model
+    from .cache import load_autoencoder, load_model
     from .data import dataset_info
     from .samplers import nfe, sample_in_batches
     from .schedule import NoiseSchedule
@@ -253,10 +253,15 @@ def cmd_sample(args) -> int:
     generator = torch.Generator(device).manual_seed(args.seed)
     # ancestral steps use the variance the model was trained with (fixed_large, fixed_small or learned)
     variance = {"var_type": config.resolved_var_type} if args.sampler == "ddpm" else {}
+    # a latent model samples latents (which are not clipped to the pixel range) and decodes them to images
+    autoencoder = load_autoencoder(args.checkpoint, config, device=device)
     with torch.no_grad():
-        x = sample_in_batches(model, schedule, info.shape, args.n, batch_size=args.batch_size, y=y,
+        x = sample_in_batches(model, schedule, config.sample_shape, args.n, batch_size=args.batch_size, y=y,
                               sampler=args.sampler, steps=args.steps, generator=generator, guidance=guidance,
-                              device=device, **variance)
+                              device=device, clip_denoised=autoencoder is None, **variance)
+        if autoencoder is not None:
+            x = torch.cat([autoencoder.decode(x[i: i + args.batch_size].to(device)).clamp(-1, 1).cpu()
+                           for i in range(0, args.n, args.batch_size)])
     if suffix == ".png":
         from .plotting import save_png_grid
 
@@ -287,6 +292,9 @@ def cmd_nll(args) -> int:
 
     device = _device(args.device)
     model, config, _ = load_model(args.checkpoint, device=device)
+    if config.is_latent:
+        raise UsageError(f"{args.checkpoint} is a latent model: its bound is in bits per latent value, not per "
+                         "pixel; nll needs a pixel model")
     try:
         x, _ = load_dataset(config.dataset, split="test", root=args.data_root, n=args.n)
     except DatasetUnavailable as exc:

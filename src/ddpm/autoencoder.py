@@ -27,7 +27,12 @@ from torch import nn
 
 from .blocks import DictConfig, _require_int, group_norm
 
-__all__ = ["Autoencoder", "AutoencoderConfig", "gaussian_kl", "load_or_train_autoencoder", "train_autoencoder"]
+__all__ = ["TRAINING_KEYS", "Autoencoder", "AutoencoderConfig", "autoencoder_from_settings", "encode_in_batches",
+           "first_stage", "gaussian_kl", "load_or_train_autoencoder", "train_autoencoder"]
+
+#: Keys of a latent model's ``TrainConfig.autoencoder`` dict that set the autoencoder's training (the other keys
+#: are fields of :class:`AutoencoderConfig`), with their defaults.
+TRAINING_KEYS = {"steps": 1200, "batch_size": 64, "lr": 2e-3}
 
 
 @dataclass
@@ -167,9 +172,40 @@ def train_autoencoder(model: Autoencoder, x: torch.Tensor, *, steps: int, batch_
     return {"history": history, "seconds": time.perf_counter() - start}
 
 
+def autoencoder_from_settings(settings, image_shape) -> tuple[AutoencoderConfig, dict]:
+    """Split a latent model's ``TrainConfig.autoencoder`` dict into the :class:`AutoencoderConfig` for images of
+    ``image_shape`` (C, H, W) and the training settings (``TRAINING_KEYS``, defaults filled in). Raises ValueError
+    naming an unknown key or a bad value."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"autoencoder must be a dict of AutoencoderConfig fields and {', '.join(TRAINING_KEYS)}; "
+                         f"got {type(settings).__name__}")
+    fields = [f for f in AutoencoderConfig.__dataclass_fields__ if f not in ("image_size", "in_channels")]
+    unknown = sorted(set(settings) - set(fields) - set(TRAINING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown autoencoder keys {unknown}; allowed keys are {fields + list(TRAINING_KEYS)}")
+    c, h, w = image_shape
+    if h != w:
+        raise ValueError(f"the autoencoder needs square images, got {h}x{w}")
+    config = AutoencoderConfig.from_dict({"image_size": h, "in_channels": c,
+                                         **{k: v for k, v in settings.items() if k in fields}})
+    training = {k: settings.get(k, default) for k, default in TRAINING_KEYS.items()}
+    _require_int("autoencoder steps", training["steps"], 1)
+    _require_int("autoencoder batch_size", training["batch_size"], 1)
+    if not (isinstance(training["lr"], (int, float)) and not isinstance(training["lr"], bool) and training["lr"] > 0):
+        raise ValueError(f"autoencoder lr must be a positive number, got {training['lr']!r}")
+    return config, training
+
+
+@torch.no_grad()
+def encode_in_batches(model: Autoencoder, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The scaled latent means of the images ``x``, ``batch_size`` at a time, on ``x``'s device."""
+    model.eval()
+    return torch.cat([model.encode(x[i: i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
 def load_or_train_autoencoder(config: AutoencoderConfig | None = None, *, dataset: str = "mnist5k",
                               steps: int = 1200, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                              cache: bool = True) -> Autoencoder:
+                              cache: bool = True, root=None) -> Autoencoder:
     """An autoencoder trained on ``dataset`` (train split), cached in ``ddpm.paths.cache_dir()`` by the hash of
     its configuration and training settings. ``model.info`` holds the training seconds, the final losses and the
     held-out reconstruction error. With the defaults (widths 16 and 32, 1,200 steps of 64) it trains in about two
@@ -193,10 +229,10 @@ def load_or_train_autoencoder(config: AutoencoderConfig | None = None, *, datase
         return model.eval()
     torch.manual_seed(seed)
     model = Autoencoder(config)
-    x, _ = load_dataset(dataset, split="train")
+    x, _ = load_dataset(dataset, split="train", root=root)
     result = train_autoencoder(model, x, steps=steps, batch_size=batch_size, lr=lr,
                                generator=torch.Generator().manual_seed(seed))
-    xt, _ = load_dataset(dataset, split="test")
+    xt, _ = load_dataset(dataset, split="test", root=root)
     with torch.no_grad():
         heldout = float(F.mse_loss(model.decode(model.encode(xt)), xt))
     tail = {k: sum(v[-50:]) / len(v[-50:]) for k, v in result["history"].items()}
@@ -205,4 +241,18 @@ def load_or_train_autoencoder(config: AutoencoderConfig | None = None, *, datase
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_weights(path, model.state_dict(), {"model": "Autoencoder", "config": config.to_dict(), "info": model.info})
+    return model
+
+
+def first_stage(config, images: torch.Tensor | None = None, data_root=None) -> Autoencoder:
+    """The autoencoder of a latent ``TrainConfig``: trained on ``images`` when given (not cached), else trained on the
+    train split of ``config.dataset`` or loaded from the cache (``ddpm.autoencoder.load_or_train_autoencoder``)."""
+    ae_config, training = config.autoencoder_config()
+    if images is None:
+        return load_or_train_autoencoder(ae_config, dataset=config.dataset, seed=config.seed, root=data_root,
+                                         **training)
+    torch.manual_seed(config.seed)
+    model = Autoencoder(ae_config)
+    result = train_autoencoder(model, images.cpu(), generator=torch.Generator().manual_seed(config.seed), **training)
+    model.info = {"seconds": result["seconds"], "steps": training["steps"], "dataset": "given images"}
     return model

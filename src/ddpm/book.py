@@ -21,8 +21,8 @@ from typing import Iterable, Sequence
 
 from .plotting import CODE_COLUMN, _imshow, image_grid, wrap  # noqa: F401  (CODE_COLUMN and wrap: re-exported)
 
-__all__ = ["CODE_COLUMN", "VERDICTS", "Comparison", "PageClock", "compare", "glue", "samples_figure", "table",
-           "verdict", "verdict_close", "wrap"]
+__all__ = ["CODE_COLUMN", "VERDICTS", "Comparison", "PageClock", "compare", "glue", "model_source", "samples_figure",
+           "saved_activation_bytes", "table", "verdict", "verdict_close", "wrap"]
 
 VERDICTS = ("held", "did not hold", "inconclusive")
 
@@ -60,6 +60,15 @@ class PageClock:
 
         glue("run_time", self.words(self.seconds))
         glue("run_profile", profile())
+
+
+def model_source(trained) -> str:
+    """How this run got ``trained`` (a ``ddpm.cache.TrainedModel``), for a page's run-time note: loaded from the
+    model cache, or trained here (with the minutes it took, both stages of a latent model together)."""
+    if trained.info.get("cached", True):
+        return "loaded from the model cache"
+    seconds = trained.info.get("wall_time_s", float("nan")) + trained.info.get("autoencoder_seconds", 0.0)
+    return f"trained in this run ({seconds / 60:.1f} minutes), because this page was the first to need it"
 
 
 def verdict(gain: float, std: float, k: float = 2.0) -> str:
@@ -114,6 +123,26 @@ def compare(candidate: dict, baseline: dict, *, paired: dict | None = None, high
     if higher_is_better:
         gain = -gain
     return Comparison(gain, std, verdict(gain, std), paired is not None)
+
+
+def saved_activation_bytes(fn, exclude: Iterable = ()) -> int:
+    """Bytes of the tensors that autograd keeps for the backward pass while ``fn()`` runs, each storage counted
+    once and the storages of ``exclude`` (a model's parameters) left out: the activation memory of one training
+    step, which is what grows with the batch. ``fn`` returns nothing of interest; its graph is freed afterwards."""
+    import torch
+
+    skip = {p.untyped_storage().data_ptr() for p in exclude}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(kept.values())
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence], align: str | None = None):

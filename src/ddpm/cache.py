@@ -12,14 +12,16 @@ This module sits above the trainer (``ddpm.train``) and the file layer (``ddpm.c
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
-from .checkpoint import (CONFIG_FILE, STATE_FILE, CheckpointError, _read_json, _recover, check_config, config_hash,
-                         load_weights, package_version, previews_from_extra, read_checkpoint_header)
+from .checkpoint import (CONFIG_FILE, STATE_FILE, CheckpointError, _read_json, _recover, autoencoder_state_from_extra,
+                         check_config, config_hash, load_weights, package_version, previews_from_extra,
+                         read_checkpoint_header)
 from .paths import cache_dir, project_root
 from .presets import get_preset, profile
 from .rng import capture_rng_state, restore_rng_state
@@ -27,7 +29,8 @@ from .schedule import NoiseSchedule
 from .train import TrainConfig, Trainer, build_model
 from .unet import count_parameters
 
-__all__ = ["TrainedModel", "cache_dir", "load_model", "load_or_train", "project_root", "trained_model"]
+__all__ = ["TrainedModel", "cache_dir", "cached_samples", "load_autoencoder", "load_model", "load_or_train",
+           "project_root", "trained_model"]
 
 
 def _load_network(directory: Path, file: str, config) -> torch.nn.Module:
@@ -40,6 +43,34 @@ def _load_network(directory: Path, file: str, config) -> torch.nn.Module:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {directory} does not fit its configured network ({first}); train it again") from None
     return model.eval()
+
+
+def _autoencoder_from_extra(directory: Path, config, extra):
+    """The autoencoder of a latent model from its checkpoint's extra tensors (None for a pixel model)."""
+    if not config.is_latent:
+        return None
+    from .autoencoder import Autoencoder
+
+    state = autoencoder_state_from_extra(extra)
+    model = Autoencoder(config.autoencoder_config()[0])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {directory} lacks a usable autoencoder ({first}); train it again") from None
+    return model.eval()
+
+
+def load_autoencoder(directory: str | os.PathLike, config=None, *, device: str | torch.device | None = None):
+    """The autoencoder saved with a latent model's checkpoint, in eval mode (None for a pixel model)."""
+    directory = Path(directory)
+    if config is None:
+        config = TrainConfig.from_dict(read_checkpoint_header(directory)["config"])
+    if not config.is_latent:
+        return None
+    extra, _ = load_weights(directory / "extra.safetensors")
+    model = _autoencoder_from_extra(directory, config, extra)
+    return model.to(device) if device is not None else model
 
 
 def load_model(directory: str | os.PathLike, *, ema: bool = True, device: str | torch.device | None = None):
@@ -73,8 +104,11 @@ class TrainedModel:
     ``model``: the EMA network in eval mode (use it for sampling); ``raw_model``: the raw weights;
     ``schedule``: the training ``NoiseSchedule``; ``config``: the ``TrainConfig``; ``history``: losses
     (see ``ddpm.train.Trainer.history``); ``info``: provenance (profile, device, steps, wall time in
-    seconds, checkpoint hash, preset name, parameter count, checkpoint path); ``previews``: the samples
-    drawn during training, ``[(step, images [16, C, H, W] in [-1, 1])]``.
+    seconds, checkpoint hash, preset name, parameter count, checkpoint path, ``cached``: whether this call loaded
+    a finished run instead of training); ``previews``: the samples
+    drawn during training, ``[(step, images [16, C, H, W] in [-1, 1])]``; ``autoencoder``: the first stage of
+    a latent model (None for a pixel model). The network denoises ``config.sample_shape``; :meth:`decode`
+    turns its samples into images.
     """
 
     model: torch.nn.Module
@@ -85,14 +119,26 @@ class TrainedModel:
     info: dict
     path: Path | None = None
     previews: list = dataclasses.field(default_factory=list)
+    autoencoder: Any = None
+
+    @torch.no_grad()
+    def decode(self, samples: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """Images in [-1, 1] from samples of the network: decoded latents for a latent model, else the samples."""
+        if self.autoencoder is None:
+            return samples
+        device = next(self.autoencoder.parameters()).device
+        return torch.cat([self.autoencoder.decode(samples[i: i + batch_size].to(device)).clamp(-1, 1).cpu()
+                          for i in range(0, len(samples), batch_size)])
 
     def provenance(self) -> str:
         """One line for the caption under a figure of samples."""
         i = self.info
         minutes = i.get("wall_time_s", float("nan")) / 60.0
+        first = (f" after its autoencoder ({i['autoencoder_seconds'] / 60.0:.1f} min)"
+                 if "autoencoder_seconds" in i else "")
         return (
             f"preset {i.get('preset')}, profile {i.get('profile')}, trained on {i.get('device')} for "
-            f"{i.get('steps')} steps ({minutes:.1f} min), checkpoint {i.get('checkpoint_hash')}"
+            f"{i.get('steps')} steps ({minutes:.1f} min){first}, checkpoint {i.get('checkpoint_hash')}"
         )
 
 
@@ -189,11 +235,16 @@ def _finished_model(directory: Path, config, name: str, digest: str, device) -> 
         "batch_size": config.batch_size,
         "ddpm_version": header.get("ddpm_version"),
         "path": str(directory),
+        "cached": True,
     }
+    if config.is_latent:
+        info["autoencoder_seconds"] = float(state.get("autoencoder", {}).get("seconds", float("nan")))
     extra, _ = load_weights(directory / "extra.safetensors")
+    autoencoder = _autoencoder_from_extra(directory, config, extra)
     return TrainedModel(model=models[0], raw_model=models[1], schedule=NoiseSchedule.from_name(config.schedule, config.T),
                         config=config, history=state.get("history", {}), info=info, path=directory,
-                        previews=previews_from_extra(extra))
+                        previews=previews_from_extra(extra),
+                        autoencoder=autoencoder.to(device) if autoencoder is not None else None)
 
 
 def trained_model(trainer: Trainer, digest: str | None = None) -> TrainedModel:
@@ -212,8 +263,44 @@ def trained_model(trainer: Trainer, digest: str | None = None) -> TrainedModel:
         "batch_size": trainer.config.batch_size,
         "ddpm_version": package_version(),
         "path": str(trainer.out_dir) if trainer.out_dir is not None else None,
+        "cached": False,
     }
+    if trainer.autoencoder is not None:
+        info["autoencoder_seconds"] = float(getattr(trainer.autoencoder, "info", {}).get("seconds", float("nan")))
     return TrainedModel(
         model=trainer.ema, raw_model=trainer.model, schedule=trainer.schedule, config=trainer.config,
         history=trainer.history, info=info, path=trainer.out_dir, previews=list(trainer.previews),
+        autoencoder=trainer.autoencoder,
     )
+
+
+def cached_samples(trained: TrainedModel, draw, **settings) -> tuple[torch.Tensor, float]:
+    """Samples of ``trained`` drawn once and shared: ``(samples, seconds it took to draw them)``.
+
+    ``draw()`` draws the samples; ``settings`` must name everything that determines them (sampler, steps,
+    variance, number, seeds, guidance...), because together with the checkpoint's hash they are the key of the
+    file in ``<cache>/samples/``. Two pages that ask for the same samples with the same settings draw them once:
+    the second gets the first's tensor and its recorded drawing time. A corrupt file is drawn again.
+    """
+    import time
+
+    from .checkpoint import save_weights
+
+    key = json.loads(json.dumps({"checkpoint": trained.info.get("checkpoint_hash"), **settings}, sort_keys=True))
+    if key["checkpoint"] is None:
+        raise ValueError("cached_samples needs a model with a checkpoint hash (from load_or_train)")
+    path = _default_cache() / "samples" / f"{config_hash(key)}.safetensors"
+    if path.is_file():
+        try:
+            tensors, meta = load_weights(path)
+            seconds = float(meta.pop("seconds"))
+            if meta == key and "samples" in tensors:
+                return tensors["samples"], seconds
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            pass  # unreadable or another key: draw again and replace it
+    start = time.perf_counter()
+    samples = draw()
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(path, {"samples": samples.detach().cpu().contiguous()}, {**key, "seconds": seconds})
+    return samples, seconds

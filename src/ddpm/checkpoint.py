@@ -39,7 +39,9 @@ import torch
 from .rng import capture_rng_state, restore_rng_state
 
 __all__ = [
+    "AUTOENCODER_PREFIX",
     "CheckpointError",
+    "autoencoder_state_from_extra",
     "config_hash",
     "load_training_state",
     "load_weights",
@@ -417,3 +419,12 @@ def previews_from_extra(extra: Mapping[str, Any]) -> list:
     """The preview samples kept in a checkpoint's extra tensors (``preview/<step>``), as [(step, images)] by step."""
     found = [(int(key.split("/", 1)[1]), images) for key, images in extra.items() if key.startswith("preview/")]
     return sorted(found, key=lambda item: item[0])
+
+
+#: Prefix of the autoencoder's tensors in a latent model's extra tensors.
+AUTOENCODER_PREFIX = "autoencoder/"
+
+
+def autoencoder_state_from_extra(extra: Mapping[str, Any]) -> dict:
+    """The state dict of a latent model's autoencoder kept in a checkpoint's extra tensors ({} if none)."""
+    return {k[len(AUTOENCODER_PREFIX):]: v for k, v in extra.items() if k.startswith(AUTOENCODER_PREFIX)}

@@ -11,6 +11,9 @@
                    schedule of Improved DDPM (it trains twenty times longer)
 ``cifar10-gpu``    a class-conditional U-Net for CIFAR-10 in the spirit of Improved DDPM's CIFAR-10 model
                    (smaller), random flips, L_hybrid, cosine schedule
+``mnist-latent``   the book's small latent diffusion model: a KL-regularised autoencoder (28x28 digits to 4x7x7
+                   latents, about two minutes) and a class-conditional diffusion transformer (DiT) on its latents
+                   with label dropout 0.5; together about 5.5 minutes on two CPU cores
 ``mnist14``        a small unconditional U-Net on the digits pooled to 14x14 (``mnist5k-14``), cosine schedule,
                    L_hybrid: the base recipe that the Improved DDPM notebook varies (schedule, objective) at a
                    scale where each variant trains in under a minute on a CPU (about 180k parameters)
@@ -165,6 +168,41 @@ def _cifar10_gpu() -> TrainConfig:
     )
 
 
+def _mnist_latent() -> TrainConfig:
+    # Rombach et al.'s two stages at the size of two CPU cores. The autoencoder (ddpm.autoencoder's defaults)
+    # reconstructs held-out digits at the metric's real-data floor in about two minutes. The DiT sees 49 tokens
+    # (patch size 1 on the 7x7 latent); at width 96 and depth 4 (0.71M parameters) a step of 64 latents takes about
+    # 0.1 s on two cores, three times less than the pixel U-Net's step. Measured at 3,000 steps and n = 1,000:
+    # label dropout 0.5 gives null-label samples of FID 73 against 115 with 0.2, and an unconditional DiT of the
+    # same size scores no better (78), so the unconditional branch is limited by the network and its training
+    # time, not by sharing it with the labels. 2,000 steps keep the book's build within its budget. Min-SNR-5
+    # and the decaying learning rate are the pixel model's recipe, at a higher rate, as suits a small transformer.
+    return TrainConfig(
+        name="mnist-latent",
+        model_type="dit",
+        model={"image_size": 7, "in_channels": 4, "patch_size": 1, "hidden": 96, "depth": 4, "num_heads": 4,
+               "mlp_ratio": 4, "num_classes": 10, "learn_sigma": False},
+        dataset="mnist5k",
+        autoencoder={"channels": [16, 32], "latent_channels": 4, "kl_weight": 1e-3, "steps": 1200,
+                     "batch_size": 64, "lr": 2e-3},
+        schedule="linear",
+        T=1000,
+        loss_type="simple",
+        snr_gamma=5.0,
+        batch_size=64,
+        lr=3e-3,
+        lr_decay="cosine",
+        warmup_steps=100,
+        steps=2000,
+        grad_clip=1.0,
+        ema_decay=0.999,
+        label_dropout=0.5,
+        checkpoint_every=500,
+        preview_every=500,
+        log_every=50,
+    )
+
+
 def _mnist14() -> TrainConfig:
     return TrainConfig(
         name="mnist14",
@@ -194,6 +232,7 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "mnist-cpu": _mnist_cpu,
     "mnist-gpu": _mnist_gpu,
     "cifar10-gpu": _cifar10_gpu,
+    "mnist-latent": _mnist_latent,
     "mnist14": _mnist14,
 }
 

@@ -6,7 +6,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from . import checkpoint
+from .checkpoint import AUTOENCODER_PREFIX
 from .losses import ImportanceSampler
 from .trainconfig import resume_free_keys
 
@@ -24,6 +27,8 @@ def save_trainer(trainer: "Trainer", directory: str | os.PathLike | None = None)
         return None
     extra = trainer.t_sampler.state_dict() if isinstance(trainer.t_sampler, ImportanceSampler) else {}
     extra.update({f"preview/{step}": images for step, images in trainer.previews})
+    if trainer.autoencoder is not None:  # a latent model's checkpoint carries its decoder
+        extra.update({f"{AUTOENCODER_PREFIX}{k}": v for k, v in trainer.autoencoder.state_dict().items()})
     state = {
         "step": trainer.step,
         "wall_time_s": trainer.wall_time,
@@ -33,6 +38,8 @@ def save_trainer(trainer: "Trainer", directory: str | os.PathLike | None = None)
         "world_size": trainer.world_size,
         "preset": trainer.preset,
     }
+    if trainer.autoencoder is not None:
+        state["autoencoder"] = dict(getattr(trainer.autoencoder, "info", {}))
     path = checkpoint.save_training_state(
         directory,
         config=trainer.config.to_dict(),
@@ -68,10 +75,19 @@ def load_trainer(trainer: "Trainer", directory: str | os.PathLike | None = None)
                 if key in g_now:
                     g_saved[key] = g_now[key]
         trainer.optimizer.load_state_dict(saved)
-        sampler_state = {k: v for k, v in ck["extra"].items() if not k.startswith("preview/")}
+        sampler_state = {k: v for k, v in ck["extra"].items()
+                         if not k.startswith(("preview/", AUTOENCODER_PREFIX))}
         if isinstance(trainer.t_sampler, ImportanceSampler) and sampler_state:
             trainer.t_sampler.load_state_dict(sampler_state)
         trainer.previews = checkpoint.previews_from_extra(ck["extra"])
+        saved_ae = checkpoint.autoencoder_state_from_extra(ck["extra"])
+        if (trainer.autoencoder is None) != (not saved_ae):
+            raise ValueError("a latent model and a pixel model cannot resume each other")
+        if saved_ae:
+            current = trainer.autoencoder.state_dict()
+            if any(not torch.equal(current[k], v) for k, v in saved_ae.items() if k in current):
+                trainer.autoencoder.load_state_dict(saved_ae)  # the run's own first stage, not a retrained one
+                trainer.reencode()
         state = ck["state"]
         trainer.step = int(state["step"])
         trainer.wall_time = float(state.get("wall_time_s", 0.0))

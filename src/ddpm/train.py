@@ -10,6 +10,10 @@ One training step (Ho et al. 2020, Algorithm 1; Nichol & Dhariwal 2021 for L_hyb
    importance weights, with AdamW, learning-rate warm-up and gradient clipping;
 4. update the exponential moving average (EMA) of the weights.
 
+A *latent* model (``TrainConfig.autoencoder`` set) first gets its autoencoder (trained on the images, or loaded
+from the cache), encodes every training image once to its scaled latent mean, and then runs the same steps on
+the latents (Rombach et al. 2022); previews are decoded to images and checkpoints carry the autoencoder.
+
 Randomness is a function of ``(seed, rank, step)`` except the global torch generator (dropout), whose state
 is saved in every checkpoint; a run stopped at step k and resumed therefore reaches step n with bitwise the
 same weights as an uninterrupted run on the CPU (single process).
@@ -39,6 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .autoencoder import encode_in_batches, first_stage
 from .callbacks import Callback, as_callback, progress_bar, progress_enabled
 from .data import augment, dataset_info, load_dataset
 from .distributed import setup_distributed
@@ -135,8 +140,15 @@ class Trainer:
         # channels-last helps oneDNN's CPU convolutions too (about 4% per mnist-cpu step on two cores)
         self.channels_last = config.channels_last and config.model_type == "unet"
 
+        given = data is not None
         if data is None:  # first, so that a missing dataset fails before anything is built
             data = load_dataset(config.dataset, split="train", root=data_root, seed=config.seed)
+        self.autoencoder = None
+        self._images = None
+        if config.is_latent:  # the first stage, before the seeds of the second are set
+            self.autoencoder = first_stage(config, data[0] if given else None, data_root)
+            self._images = data[0]
+            data = (encode_in_batches(self.autoencoder, data[0]), data[1])
 
         # the same initial weights everywhere; then per-rank dropout randomness
         torch.manual_seed(config.seed)
@@ -215,6 +227,10 @@ class Trainer:
             self._perm_epoch = epoch
         return self._perm[pos * self.local_batch : (pos + 1) * self.local_batch]
 
+    def reencode(self) -> None:
+        """Encode the training images again with ``autoencoder`` (after a checkpoint replaced its weights)."""
+        self.x = encode_in_batches(self.autoencoder, self._images).to(self.device)
+
     def lr_at(self, step: int) -> float:
         """Learning rate at 0-based ``step`` (:func:`ddpm.optim.learning_rate`)."""
         return learning_rate(self.config, step)
@@ -233,7 +249,9 @@ class Trainer:
 
         idx = self.batch_indices(step)
         self.last_batch_indices = idx
-        x0 = augment(c.dataset, self.x[idx.to(self.device)], g_dev)
+        x0 = self.x[idx.to(self.device)]
+        if not c.is_latent:  # a flipped latent is not the latent of the flipped image
+            x0 = augment(c.dataset, x0, g_dev)
         y = None
         if self.num_classes is not None:
             y = self.y[idx.to(self.device)]
@@ -326,13 +344,14 @@ class Trainer:
         the classes for a conditional model). Uses its own generator: training randomness is untouched."""
         from .samplers import ddim_sample
 
-        info = dataset_info(self.config.dataset)
         g = torch.Generator(self.device).manual_seed(_seed(self.config.seed, 11))
         y = None
         if self.num_classes is not None:
             y = torch.arange(n, device=self.device) % self.num_classes
-        return ddim_sample(self.ema, self.schedule, (n, *info.shape), steps=min(steps, self.config.T), y=y,
-                           generator=g, device=self.device).cpu()
+        latent = self.autoencoder is not None
+        x = ddim_sample(self.ema, self.schedule, (n, *self.config.sample_shape), steps=min(steps, self.config.T),
+                        y=y, generator=g, device=self.device, clip_denoised=not latent).cpu()
+        return self.autoencoder.decode(x).clamp(-1, 1) if latent else x
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 

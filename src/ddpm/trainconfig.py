@@ -52,6 +52,11 @@ class TrainConfig:
             (``MLPConfig``, 2-D toy data).
         model: the network's config as a dict of ``UNetConfig`` / ``MLPConfig`` fields.
         dataset: a name from ``ddpm.data.DATASETS``.
+        autoencoder: None for a model of the data itself, or, for a *latent* diffusion model, the first stage:
+            a dict of ``ddpm.autoencoder.AutoencoderConfig`` fields (``channels``, ``latent_channels``,
+            ``kl_weight``) and its training settings (``steps``, ``batch_size``, ``lr``). The trainer trains the
+            autoencoder on ``dataset`` (or loads it from the cache), encodes the images once, and the network of
+            ``model`` learns the scaled latents (``in_channels`` and ``image_size`` are the latent's).
         schedule, T: beta schedule (``"linear"`` or ``"cosine"``) and number of diffusion steps.
         loss_type: ``"simple"`` (L_simple), ``"hybrid"`` (L_simple + 0.001 L_vlb, learned variance) or ``"vlb"``.
         var_type: reverse-process variance: ``"fixed_small"`` (posterior variance), ``"fixed_large"`` (beta_t)
@@ -80,6 +85,7 @@ class TrainConfig:
     model_type: str = "unet"
     model: dict = dataclasses.field(default_factory=dict)
     dataset: str = "mnist5k"
+    autoencoder: dict | None = None
     schedule: str = "linear"
     T: int = 1000
     loss_type: str = "simple"
@@ -110,6 +116,12 @@ class TrainConfig:
         """JSON-ready dict (the model config normalised: tuples become lists, defaults filled in)."""
         out = dataclasses.asdict(self)
         out["model"] = self.model_config().to_dict()
+        if self.autoencoder is None:
+            del out["autoencoder"]  # a pixel model's dict (and its hash) is as it was before latent models
+        else:
+            ae, training = self.autoencoder_config()
+            out["autoencoder"] = {k: v for k, v in ae.to_dict().items() if k not in ("image_size", "in_channels")}
+            out["autoencoder"].update(training)
         return out
 
     @classmethod
@@ -137,6 +149,32 @@ class TrainConfig:
             raise ValueError(f"model must be a dict of {self.model_type} config fields; got {type(self.model).__name__}")
         cls = {"unet": UNetConfig, "mlp": MLPConfig, "dit": DiTConfig}[self.model_type]
         return cls.from_dict(dict(self.model))
+
+    def autoencoder_config(self):
+        """``(AutoencoderConfig, training settings)`` of a latent model (see ``autoencoder``); ValueError otherwise."""
+        from .autoencoder import autoencoder_from_settings
+
+        if self.autoencoder is None:
+            raise ValueError(f"TrainConfig {self.name!r} is not a latent model (autoencoder is None)")
+        info = dataset_info(self.dataset)
+        if info.kind != "image":
+            raise ValueError(f"TrainConfig.autoencoder needs an image dataset; {self.dataset!r} holds {info.kind}")
+        try:
+            return autoencoder_from_settings(self.autoencoder, info.shape)
+        except ValueError as exc:
+            raise ValueError(f"TrainConfig.autoencoder: {exc}") from None
+
+    @property
+    def is_latent(self) -> bool:
+        """True for a latent diffusion model (``autoencoder`` is set)."""
+        return self.autoencoder is not None
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample the network denoises: the latent's for a latent model, else the data's."""
+        if self.is_latent:
+            return tuple(self.autoencoder_config()[0].latent_shape)
+        return tuple(dataset_info(self.dataset).shape)
 
     @property
     def num_classes(self) -> int | None:
@@ -217,9 +255,18 @@ class TrainConfig:
                     f"model num_classes={mc.num_classes} does not match the {info.num_classes} classes of "
                     f"dataset {self.dataset!r}"
                 )
+        if self.is_latent:
+            self.autoencoder_config()  # names a bad key or value, or a dataset without images
         if info.kind == "points":
             if self.model_type != "mlp" or mc.dim != info.shape[0]:
                 raise ValueError(f"dataset {self.dataset!r} holds 2-D points: use model_type 'mlp' with dim=2")
+        elif self.is_latent:
+            c, h, _ = self.sample_shape
+            if self.model_type == "mlp" or mc.in_channels != c or mc.image_size != h:
+                raise ValueError(
+                    f"the autoencoder's latents are {c}x{h}x{h}: use model_type 'unet' or 'dit' with "
+                    f"in_channels={c} and image_size={h}"
+                )
         else:
             c, h, _ = info.shape
             if self.model_type == "mlp" or mc.in_channels != c or mc.image_size != h:
