@@ -153,8 +153,8 @@ def main() -> None:
           f"{floor['fid']:.1f} +- {floor['std']:.1f} ({floor['n']} held-out digits); mean-brightness spread "
           f"{brightness_std:.3f} (training digits {data_brightness_std:.3f})")
     print(f"conditional (w = {target['guidance']:g}): the metric classifier reads {accuracy:.1%} of {args.n} digits as their requested class")
-    for name, (value, target, ok) in targets.items():
-        print(f"target {name:<27} {value:8.3f}  {target:<7} {'met' if ok else 'NOT met'}")
+    for label, (value, goal, ok) in targets.items():
+        print(f"target {label:<27} {value:8.3f}  {goal:<7} {'met' if ok else 'NOT met'}")
     print(f"grids: {RESULTS / f'{name}_grid.png'} (unconditional), {RESULTS / f'{name}_grid_conditional.png'}; "
           f"checkpoint {info['checkpoint_hash']}")
 
