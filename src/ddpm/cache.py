@@ -33,16 +33,20 @@ __all__ = ["TrainedModel", "cache_dir", "cached_samples", "load_autoencoder", "l
            "project_root", "trained_model"]
 
 
+def _filled(model: torch.nn.Module, state, directory: Path, problem: str) -> torch.nn.Module:
+    """``model`` with ``state`` loaded, in eval mode; a mismatch is a one-line CheckpointError naming ``problem``."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {directory} {problem} ({first}); train it again") from None
+    return model.eval()
+
+
 def _load_network(directory: Path, file: str, config) -> torch.nn.Module:
     """The network of ``config`` with the weights of ``directory / file``, in eval mode on the CPU."""
     weights, _ = load_weights(directory / file)
-    model = build_model(config)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {directory} does not fit its configured network ({first}); train it again") from None
-    return model.eval()
+    return _filled(build_model(config), weights, directory, "does not fit its configured network")
 
 
 def _autoencoder_from_extra(directory: Path, config, extra):
@@ -51,14 +55,8 @@ def _autoencoder_from_extra(directory: Path, config, extra):
         return None
     from .autoencoder import Autoencoder
 
-    state = autoencoder_state_from_extra(extra)
     model = Autoencoder(config.autoencoder_config()[0])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {directory} lacks a usable autoencoder ({first}); train it again") from None
-    return model.eval()
+    return _filled(model, autoencoder_state_from_extra(extra), directory, "lacks a usable autoencoder")
 
 
 def load_autoencoder(directory: str | os.PathLike, config=None, *, device: str | torch.device | None = None):
