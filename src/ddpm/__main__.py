@@ -260,8 +260,9 @@ def cmd_sample(args) -> int:
                               sampler=args.sampler, steps=args.steps, generator=generator, guidance=guidance,
                               device=device, clip_denoised=autoencoder is None, **variance)
         if autoencoder is not None:
-            x = torch.cat([autoencoder.decode(x[i: i + args.batch_size].to(device)).clamp(-1, 1).cpu()
-                           for i in range(0, args.n, args.batch_size)])
+            from .autoencoder import decode_in_batches
+
+            x = decode_in_batches(autoencoder, x, args.batch_size)
     if suffix == ".png":
         from .plotting import save_png_grid
 

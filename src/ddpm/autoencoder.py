@@ -27,8 +27,8 @@ from torch import nn
 
 from .blocks import DictConfig, _require_int, group_norm
 
-__all__ = ["TRAINING_KEYS", "Autoencoder", "AutoencoderConfig", "autoencoder_from_settings", "encode_in_batches",
-           "first_stage", "gaussian_kl", "load_or_train_autoencoder", "train_autoencoder"]
+__all__ = ["TRAINING_KEYS", "Autoencoder", "AutoencoderConfig", "autoencoder_from_settings", "decode_in_batches",
+           "encode_in_batches", "first_stage", "gaussian_kl", "load_or_train_autoencoder", "train_autoencoder"]
 
 #: Keys of a latent model's ``TrainConfig.autoencoder`` dict that set the autoencoder's training (the other keys
 #: are fields of :class:`AutoencoderConfig`), with their defaults.
@@ -201,6 +201,15 @@ def encode_in_batches(model: Autoencoder, x: torch.Tensor, batch_size: int = 500
     """The scaled latent means of the images ``x``, ``batch_size`` at a time, on ``x``'s device."""
     model.eval()
     return torch.cat([model.encode(x[i: i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def decode_in_batches(model: Autoencoder, z: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Images in [-1, 1] of the scaled latents ``z``, ``batch_size`` at a time on the model's device, on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model.decode(z[i: i + batch_size].to(device)).clamp(-1, 1).cpu()
+                      for i in range(0, len(z), batch_size)])
 
 
 def load_or_train_autoencoder(config: AutoencoderConfig | None = None, *, dataset: str = "mnist5k",

@@ -119,14 +119,13 @@ class TrainedModel:
     previews: list = dataclasses.field(default_factory=list)
     autoencoder: Any = None
 
-    @torch.no_grad()
     def decode(self, samples: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
         """Images in [-1, 1] from samples of the network: decoded latents for a latent model, else the samples."""
         if self.autoencoder is None:
             return samples
-        device = next(self.autoencoder.parameters()).device
-        return torch.cat([self.autoencoder.decode(samples[i: i + batch_size].to(device)).clamp(-1, 1).cpu()
-                          for i in range(0, len(samples), batch_size)])
+        from .autoencoder import decode_in_batches
+
+        return decode_in_batches(self.autoencoder, samples, batch_size)
 
     def provenance(self) -> str:
         """One line for the caption under a figure of samples."""

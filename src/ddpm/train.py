@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .autoencoder import encode_in_batches, first_stage
+from .autoencoder import decode_in_batches, encode_in_batches, first_stage
 from .callbacks import Callback, as_callback, progress_bar, progress_enabled
 from .data import augment, dataset_info, load_dataset
 from .distributed import setup_distributed
@@ -351,7 +351,7 @@ class Trainer:
         latent = self.autoencoder is not None
         x = ddim_sample(self.ema, self.schedule, (n, *self.config.sample_shape), steps=min(steps, self.config.T),
                         y=y, generator=g, device=self.device, clip_denoised=not latent).cpu()
-        return self.autoencoder.decode(x).clamp(-1, 1) if latent else x
+        return decode_in_batches(self.autoencoder, x) if latent else x
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
