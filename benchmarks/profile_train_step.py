@@ -5,14 +5,16 @@
 Times, in one process and taking turns within each repeat, a ladder of steps that each add one piece of the
 ``Trainer``'s work to the one before:
 
-0. ``bare, NCHW``: the network's forward on a fixed batch, an MSE loss, backward and an AdamW step, with the
-   usual memory layout;
-1. ``bare``: the same with channels-last tensors, the layout the ``Trainer`` uses for a U-Net;
-2. ``+ loss``: the preset's objective through ``ddpm.losses.training_losses`` (L_hybrid: the bound term too);
-3. ``+ clip``: gradient clipping;
-4. ``+ ema``: the EMA update;
-5. ``+ data``: the epoch shuffle, label dropout, t and noise from per-step generators, the logged statistics;
-6. ``Trainer.train_step``: the real thing.
+0. ``bare, fp32 NCHW``: the network's forward on a fixed batch, an MSE loss, backward and an AdamW step, in fp32
+   with the usual memory layout;
+1. ``bare, fp32 channels-last``: the same with channels-last tensors;
+2. ``bare``: the same in the precision and layout of the ``Trainer``: with ``cpu_bf16`` on a CPU with native bf16
+   (``mnist-cpu``), the step under bf16 autocast in the usual layout, else fp32 channels-last as in rung 1;
+3. ``+ loss``: the preset's objective through ``ddpm.losses.training_losses`` (L_hybrid: the bound term too);
+4. ``+ clip``: gradient clipping;
+5. ``+ ema``: the EMA update;
+6. ``+ data``: the epoch shuffle, label dropout, t and noise from per-step generators, the logged statistics;
+7. ``Trainer.train_step``: the real thing.
 
 Each rung prints its median milliseconds per step, images/s and its share over the rung below, so the
 overhead of every piece is read off directly. Writes ``benchmarks/results/train_step_profile.json``.
@@ -46,7 +48,7 @@ def _rungs(config, x, y):
     fixed_t = torch.randint(0, T, (batch,), generator=g)
     fixed_noise = torch.randn(fixed_x.shape, generator=g)
 
-    def make(level, channels_last=True):
+    def make(level, channels_last=trainer.channels_last, bf16=trainer.use_bf16):
         torch.manual_seed(config.seed)
         model = build_model(config)
         if channels_last:
@@ -70,13 +72,14 @@ def _rungs(config, x, y):
                 x0, yb, t, noise, weights = fixed_x, fixed_y, fixed_t, fixed_noise, None
             if channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            if level >= 2:
-                terms = training_losses(model, schedule, x0, t, y=yb, noise=noise, loss_type=config.loss_type,
-                                        var_type=trainer.var_type)
-                loss = terms["loss"].mean() if weights is None else (terms["loss"] * weights).mean()
-            else:
-                out = model(schedule.q_sample(x0, t, noise), t, yb)
-                loss = ((out[:, : x0.shape[1]] - noise) ** 2).mean()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                if level >= 2:
+                    terms = training_losses(model, schedule, x0, t, y=yb, noise=noise, loss_type=config.loss_type,
+                                            var_type=trainer.var_type, snr_gamma=config.snr_gamma)
+                    loss = terms["loss"].mean() if weights is None else (terms["loss"] * weights).mean()
+                else:
+                    out = model(schedule.q_sample(x0, t, noise), t, yb)
+                    loss = ((out[:, : x0.shape[1]].float() - noise) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if level >= 3:
@@ -91,10 +94,11 @@ def _rungs(config, x, y):
         return step
 
     names = ["bare", "+ loss", "+ clip", "+ ema", "+ data"]
-    rungs = {"bare, NCHW": make(1, channels_last=False)}
+    rungs = {"bare, fp32 NCHW": make(1, channels_last=False, bf16=False),
+             "bare, fp32 channels-last": make(1, channels_last=True, bf16=False)}
     rungs.update({name: make(level) for level, name in enumerate(names, start=1)})
     rungs["Trainer.train_step"] = trainer.train_step
-    return rungs
+    return rungs, trainer.use_bf16
 
 
 def main() -> None:
@@ -111,7 +115,7 @@ def main() -> None:
     from ddpm.data import load_dataset
 
     x, y = load_dataset(config.dataset, split="train")
-    rungs = _rungs(config, x, y)
+    rungs, rungs_bf16 = _rungs(config, x, y)
     for fn in rungs.values():  # warm-up
         for _ in range(3):
             fn()
@@ -127,23 +131,26 @@ def main() -> None:
     batch = config.batch_size
     print(f"{args.preset}: batch {batch}, {torch.get_num_threads()} torch threads, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
-    print(f"{'rung':<20} {'ms/step':>8} {'images/s':>9} {'vs rung above':>14}")
+    print(f"{'rung':<26} {'ms/step':>8} {'images/s':>9} {'vs rung above':>14}")
     report, previous = [], None
     for name, values in times.items():
         ms = 1000 * statistics.median(values)
         extra = "" if previous is None else f"{ms / previous - 1:+.1%}"
-        print(f"{name:<20} {ms:>8.1f} {batch / ms * 1000:>9.0f} {extra:>14}")
+        print(f"{name:<26} {ms:>8.1f} {batch / ms * 1000:>9.0f} {extra:>14}")
         report.append({"rung": name, "ms_per_step": round(ms, 2), "images_per_s": round(batch / ms * 1000, 1),
                        "all_ms": [round(1000 * v, 2) for v in values]})
         previous = ms
-    bare, real = report[1]["ms_per_step"], report[-1]["ms_per_step"]
-    nchw = report[0]["ms_per_step"]
-    print(f"Trainer.train_step / bare step: {real / bare:.2f}; channels-last / NCHW step time: {bare / nchw:.2f}")
+    nchw, last, bare, real = (report[i]["ms_per_step"] for i in (0, 1, 2, -1))
+    fp32 = min(nchw, last)
+    print(f"Trainer.train_step / bare step: {real / bare:.2f}; fp32 channels-last / NCHW step time: {last / nchw:.2f}; "
+          f"the Trainer's bare step ({'bf16' if rungs_bf16 else 'fp32'}) / the faster fp32 one: {bare / fp32:.2f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_step_profile.json").write_text(json.dumps(
         {"preset": args.preset, "batch_size": batch, "threads": torch.get_num_threads(),
          "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "rungs": report,
-         "trainer_over_bare": round(real / bare, 3), "channels_last_over_nchw": round(bare / nchw, 3)}, indent=2) + "\n")
+         "bf16": rungs_bf16, "trainer_over_bare": round(real / bare, 3),
+         "channels_last_over_nchw": round(last / nchw, 3), "bare_over_fp32": round(bare / fp32, 3)},
+        indent=2) + "\n")
 
 
 if __name__ == "__main__":

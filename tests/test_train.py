@@ -188,6 +188,37 @@ def test_min_snr_weighting_reaches_the_trainer(digits, monkeypatch):
     assert seen["snr_gamma"] == 5.0
 
 
+def test_cpu_bf16_is_left_out_of_the_dict_unless_set():
+    plain = unet_config()
+    assert "cpu_bf16" not in plain.to_dict()  # the hashes of configs without it do not change
+    fast = unet_config(cpu_bf16=True)
+    assert fast.to_dict()["cpu_bf16"] is True
+    again = TrainConfig.from_dict(json.loads(json.dumps(fast.to_dict())))
+    assert again.cpu_bf16 and again.to_dict() == fast.to_dict()
+    assert presets.get_preset("mnist-cpu").cpu_bf16 and not presets.get_preset("mnist14").cpu_bf16
+    with pytest.raises(ValueError, match="cpu_bf16 must be True or False"):
+        unet_config(cpu_bf16="yes").validate()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_runs_the_step_in_bf16_only_where_the_cpu_has_it(digits, monkeypatch, native):
+    if native and not train_mod.cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16")
+    monkeypatch.setattr(train_mod, "cpu_has_bf16", lambda: native)
+    trainer = Trainer(unet_config(cpu_bf16=True, steps=2), data=digits, device="cpu", progress=False)
+    assert trainer.use_bf16 is native
+    assert trainer.channels_last is not native  # oneDNN's bf16 convolutions are slow in channels-last
+    dtypes = []
+    handle = trainer.model.input_blocks[0].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    trainer.fit()
+    handle.remove()
+    assert set(dtypes) == {torch.bfloat16 if native else torch.float32}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, not bf16 weights
+    assert all(p.dtype == torch.float32 for p in trainer.ema.parameters())
+    assert math.isfinite(trainer.history["loss"][-1])
+    assert not Trainer(unet_config(steps=2), data=digits, device="cpu", progress=False).use_bf16  # off by default
+
+
 def test_every_example_once_per_epoch_and_fresh_order_next_epoch():
     x, y = load_dataset("moons", n=40, seed=0)
     trainer = Trainer(toy_config(batch_size=16, dataset="moons"), data=(x, y), progress=False)

@@ -19,7 +19,8 @@ is saved in every checkpoint; a run stopped at step k and resumed therefore reac
 same weights as an uninterrupted run on the CPU (single process).
 
 On CUDA the step runs under bf16 autocast with channels-last tensors and fused AdamW, optionally through
-``torch.compile``. Under ``torchrun --nproc_per_node=N`` the model is wrapped in PyTorch's
+``torch.compile``. On a CPU with native bf16 arithmetic, ``cpu_bf16`` runs the step under bf16 autocast too
+(``mnist-cpu`` does: about 1.25 times the images per second of fp32 on two AVX512-BF16 cores). Under ``torchrun --nproc_per_node=N`` the model is wrapped in PyTorch's
 ``DistributedDataParallel``; ``batch_size`` is the global batch (``batch_size / N`` per rank) and only rank 0
 writes checkpoints.
 
@@ -63,6 +64,7 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "build_model",
+    "cpu_has_bf16",
     "ema_decay_at",
     "progress_enabled",
     "resume_free_keys",
@@ -74,6 +76,15 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------
 # Small pieces
 # ---------------------------------------------------------------------------------------------------------
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (oneDNN's check for AVX512-BF16 or AMX). Without it, bf16
+    autocast on the CPU may be emulated and slow, so ``TrainConfig.cpu_bf16`` falls back to fp32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN, or without the private check
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,9 +147,11 @@ class Trainer:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         cuda = self.device.type == "cuda"
-        self.use_bf16 = cuda and config.bf16
-        # channels-last helps oneDNN's CPU convolutions too (about 4% per mnist-cpu step on two cores)
-        self.channels_last = config.channels_last and config.model_type == "unet"
+        self.use_bf16 = config.bf16 if cuda else (config.cpu_bf16 and self.device.type == "cpu" and cpu_has_bf16())
+        # channels-last helps oneDNN's fp32 CPU convolutions (about 4% per mnist-cpu step on two cores), but its
+        # bf16 ones run twice as slowly in that layout, so a CPU step in bf16 keeps the default layout
+        self.channels_last = (config.channels_last and config.model_type == "unet"
+                              and (cuda or not self.use_bf16))
 
         given = data is not None
         if data is None:  # first, so that a missing dataset fails before anything is built

@@ -74,8 +74,11 @@ class TrainConfig:
         ema_decay: EMA decay; with ``ema_warmup`` the decay at update n is min(ema_decay, (1 + n) / (10 + n)).
         label_dropout: probability of replacing a label by the null label (classifier-free guidance).
         seed: seeds the initial weights, the data order and every random draw of training.
-        bf16, channels_last, compile: speed-ups: bf16 autocast (CUDA only), channels-last memory for the
-            U-Net (CUDA and CPU), ``torch.compile``.
+        bf16, channels_last, compile: speed-ups: bf16 autocast on CUDA, channels-last memory for the U-Net
+            (CUDA and CPU), ``torch.compile``.
+        cpu_bf16: bf16 autocast on a CPU too, where it has native bf16 arithmetic (AVX512-BF16 or AMX, see
+            :func:`ddpm.train.cpu_has_bf16`); elsewhere the step stays in fp32. The weights, the optimiser and the
+            EMA stay in fp32 either way.
         preview_every: draw preview samples from the EMA model every N steps (0: never).
         checkpoint_every: write a checkpoint every N steps (0: only at the end and on Ctrl-C).
         log_every: steps per entry of the loss-by-quartile history.
@@ -104,6 +107,7 @@ class TrainConfig:
     label_dropout: float = 0.0
     seed: int = 0
     bf16: bool = True
+    cpu_bf16: bool = False
     channels_last: bool = True
     compile: bool = False
     preview_every: int = 0
@@ -116,6 +120,8 @@ class TrainConfig:
         """JSON-ready dict (the model config normalised: tuples become lists, defaults filled in)."""
         out = dataclasses.asdict(self)
         out["model"] = self.model_config().to_dict()
+        if not self.cpu_bf16:
+            del out["cpu_bf16"]  # so the dicts (and hashes) of configs without it are as they were before it
         if self.autoencoder is None:
             del out["autoencoder"]  # a pixel model's dict (and its hash) is as it was before latent models
         else:
@@ -231,7 +237,7 @@ class TrainConfig:
         need(is_num(self.ema_decay) and 0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)")
         need(is_num(self.label_dropout) and 0 <= self.label_dropout < 1, "label_dropout", "a probability in [0, 1)")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
-        for flag in ("ema_warmup", "bf16", "channels_last", "compile"):
+        for flag in ("ema_warmup", "bf16", "cpu_bf16", "channels_last", "compile"):
             need(isinstance(getattr(self, flag), bool), flag, "True or False")
         for every in ("preview_every", "checkpoint_every"):
             need(is_int(getattr(self, every)) and getattr(self, every) >= 0, every, "an integer >= 0 (0 means never)")
