@@ -70,11 +70,12 @@ def _toy2d() -> TrainConfig:
 
 
 def _mnist_cpu() -> TrainConfig:
-    # Sized for two CPU cores: 2,400 steps of 64 digits (about 38 passes over the 4,000 training digits) in about
-    # ten and a half minutes, the step under bf16 autocast where the CPU has native bf16 (cpu_bf16: about 1.25 times
-    # the images per second of fp32 on two AVX512-BF16 cores; on other CPUs it runs in fp32, about 13 minutes). Channels 16/32/80 at 28/14/7: most weights sit at 7x7, where a convolution costs 16 times less
-    # than at 28x28. The recipe is the best of a search at equal wall-clock time (benchmarks/recipe_search.py, shown
-    # on the book's benchmark page), scored by the FID of unconditional samples and the accuracy of conditional ones:
+    # Sized for two CPU cores: 2,400 steps of 64 digits (about 38 passes over the 4,000 training digits) in about ten
+    # and a half minutes, the step under bf16 autocast where the CPU has native bf16 (cpu_bf16: about 1.25 times the
+    # images per second of fp32 on two AVX512-BF16 cores; on other CPUs it runs in fp32, about 13 minutes). Channels
+    # 16/32/80 at 28/14/7: most weights sit at 7x7, where a convolution costs 16 times less than at 28x28. The recipe is
+    # the best of a search at equal wall-clock time (benchmarks/recipe_search.py, shown on the book's benchmark page),
+    # scored by the FID of unconditional samples and the accuracy of conditional ones:
     # * Min-SNR-5 weighting of the noise term (Hang et al. 2023): the nearly clean steps, easy and of little use to
     #   a sampler, stop dominating the gradient; it was the largest single gain;
     # * AdamW at 2e-3 with a cosine decay to a tenth: better than 1e-3 constant and than 4e-3;
@@ -172,13 +173,13 @@ def _cifar10_gpu() -> TrainConfig:
 
 def _mnist_latent() -> TrainConfig:
     # Rombach et al.'s two stages at the size of two CPU cores. The autoencoder (ddpm.autoencoder's defaults)
-    # reconstructs held-out digits at the metric's real-data floor in about two minutes. The DiT sees 49 tokens
-    # (patch size 1 on the 7x7 latent); at width 96 and depth 4 (0.71M parameters) a step of 64 latents takes about
-    # 0.1 s on two cores, three times less than the pixel U-Net's step. Measured at 3,000 steps and n = 1,000:
-    # label dropout 0.5 gives null-label samples of FID 73 against 115 with 0.2, and an unconditional DiT of the
-    # same size scores no better (78), so the unconditional branch is limited by the network and its training
-    # time, not by sharing it with the labels. 2,000 steps keep the book's build within its budget. Min-SNR-5
-    # and the decaying learning rate are the pixel model's recipe, at a higher rate, as suits a small transformer.
+    # reconstructs held-out digits at the metric's real-data floor in about two minutes. The DiT sees 49 tokens (patch
+    # size 1 on the 7x7 latent); at width 96 and depth 4 (0.71M parameters) a step of 64 latents takes about 0.1 s on
+    # two cores in fp32 (slower in bf16), under half the pixel U-Net's bf16 step. Measured at 3,000 steps and n = 1,000:
+    # label dropout 0.5 gives null-label samples of FID 73 against 115 with 0.2, and an unconditional DiT of the same
+    # size scores no better (78), so the unconditional branch is limited by the network and its training time, not by
+    # sharing it with the labels. 2,000 steps keep the book's build within its budget. Min-SNR-5 and the decaying
+    # learning rate are the pixel model's recipe, at a higher rate, as suits a small transformer.
     return TrainConfig(
         name="mnist-latent",
         model_type="dit",
