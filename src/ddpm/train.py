@@ -54,7 +54,7 @@ from .resume import load_trainer, save_trainer
 from .rng import derive_seed as _seed
 from .schedule import NoiseSchedule, randn_like
 from .trainconfig import (LOSS_TYPES, RESUME_FREE_KEYS, TrainConfig, TrainingDiverged, build_model,
-                          resume_free_keys)
+                          cpu_has_bf16, resume_free_keys)
 
 __all__ = [
     "Callback",
@@ -72,20 +72,6 @@ __all__ = [
     "train",
     "update_ema",
 ]
-
-# ---------------------------------------------------------------------------------------------------------
-# Small pieces
-# ---------------------------------------------------------------------------------------------------------
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (oneDNN's check for AVX512-BF16 or AMX). Without it, bf16
-    autocast on the CPU may be emulated and slow, so ``TrainConfig.cpu_bf16`` falls back to fp32."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN, or without the private check
-        return False
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The trainer

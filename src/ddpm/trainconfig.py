@@ -16,7 +16,7 @@ from .losses import LOSS_TYPES, VAR_TYPES
 from .schedule import SCHEDULES, NoiseSchedule
 
 __all__ = ["FINAL_LR_FRACTION", "LOSS_TYPES", "LR_DECAYS", "MODEL_TYPES", "RESUME_FREE_KEYS", "TIMESTEP_SAMPLERS",
-           "TrainConfig", "TrainingDiverged", "build_model", "resume_free_keys"]
+           "TrainConfig", "TrainingDiverged", "build_model", "cpu_has_bf16", "resume_free_keys"]
 
 MODEL_TYPES = ("unet", "mlp", "dit")
 TIMESTEP_SAMPLERS = ("uniform", "importance")
@@ -31,6 +31,15 @@ def resume_free_keys(config: "TrainConfig") -> tuple[str, ...]:
     """The keys of ``config`` that a resumed run may change: ``RESUME_FREE_KEYS``, less ``steps`` when the
     learning rate decays towards the last step (then the number of steps shapes the whole trajectory)."""
     return tuple(k for k in RESUME_FREE_KEYS if not (k == "steps" and config.lr_decay != "constant"))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (oneDNN's check for AVX512-BF16 or AMX). Without it, bf16
+    autocast on the CPU may be emulated and slow, so ``TrainConfig.cpu_bf16`` falls back to fp32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN, or without the private check
+        return False
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,7 +86,7 @@ class TrainConfig:
         bf16, channels_last, compile: speed-ups: bf16 autocast on CUDA, channels-last memory for the U-Net
             (CUDA and CPU), ``torch.compile``.
         cpu_bf16: bf16 autocast on a CPU too, where it has native bf16 arithmetic (AVX512-BF16 or AMX, see
-            :func:`ddpm.train.cpu_has_bf16`); elsewhere the step stays in fp32. The weights, the optimiser and the
+            :func:`cpu_has_bf16`); elsewhere the step stays in fp32. The weights, the optimiser and the
             EMA stay in fp32 either way.
         preview_every: draw preview samples from the EMA model every N steps (0: never).
         checkpoint_every: write a checkpoint every N steps (0: only at the end and on Ctrl-C).
