@@ -41,7 +41,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _rungs(config, x, y):
     """The ladder of step functions; each closes over its own network and optimiser (same initial weights)."""
-    trainer = Trainer(config, progress=False, data=(x, y))
+    trainer = Trainer(config, progress=False, data=(x, y), device="cpu")  # the rungs' networks are on the CPU too
     schedule, T, batch = trainer.schedule, config.T, config.batch_size
     fixed_x, fixed_y = x[:batch], y[:batch] if y is not None else None
     g = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ from ddpm.cache import load_autoencoder, load_model, load_or_train
 from ddpm.checkpoint import config_hash
 from ddpm.data import load_dataset
 from ddpm.presets import get_preset
-from ddpm.train import TrainConfig, Trainer
+from ddpm.train import TrainConfig, Trainer, build_model
 
 TINY_DIT = dict(image_size=7, in_channels=4, patch_size=1, hidden=16, depth=1, num_heads=2, num_classes=10)
 TINY_AE = dict(channels=[4, 8], latent_channels=4, steps=20, batch_size=16)
@@ -195,6 +195,35 @@ def test_cached_samples_are_drawn_once_per_model_and_settings(tmp_path, monkeypa
     model.info["checkpoint_hash"] = None
     with pytest.raises(ValueError, match="checkpoint hash"):
         cached_samples(model, draw, sampler="ddim")
+
+
+def test_cached_ddim_samples_names_one_shared_set_per_weights(tmp_path, monkeypatch):
+    from ddpm.cache import TrainedModel, cached_ddim_samples, cached_samples
+    from ddpm.samplers import ddim_sample
+    from ddpm.schedule import NoiseSchedule
+
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path))
+    config = TrainConfig(model={"image_size": 28, "in_channels": 1, "model_channels": 8, "channel_mult": [1],
+                                "attention_resolutions": [], "num_heads": 1, "num_classes": None}, T=40)
+    torch.manual_seed(0)
+    nets = [build_model(config).eval() for _ in range(2)]
+    schedule = NoiseSchedule.from_name(config.schedule, config.T)
+    trained = TrainedModel(model=nets[0], raw_model=nets[1], schedule=schedule, config=config, history={},
+                           info={"checkpoint_hash": "abc"})
+    for weights, net in (("ema", nets[0]), ("raw", nets[1])):
+        got, _ = cached_ddim_samples(trained, 3, 5, 7, weights=weights)
+        with torch.no_grad():
+            want = ddim_sample(net, schedule, (3, 1, 28, 28), steps=5, generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(got, want)
+
+        def fail():
+            raise AssertionError("the set should come from the cache")
+
+        again, _ = cached_samples(trained, fail, sampler="ddim", steps=5, n=3, seed=7, weights=weights, guidance=None)
+        assert torch.equal(again, got)
+    assert len(list((tmp_path / "samples").iterdir())) == 2
+    with pytest.raises(ValueError, match="weights must be 'ema' or 'raw'"):
+        cached_ddim_samples(trained, 3, 5, 7, weights="best")
 
 
 def test_the_info_says_whether_the_model_came_from_the_cache(tmp_path, monkeypatch):

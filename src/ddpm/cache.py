@@ -29,7 +29,7 @@ from .schedule import NoiseSchedule
 from .train import TrainConfig, Trainer, build_model
 from .unet import count_parameters
 
-__all__ = ["TrainedModel", "cache_dir", "cached_samples", "load_autoencoder", "load_model", "load_or_train",
+__all__ = ["TrainedModel", "cache_dir", "cached_ddim_samples", "cached_samples", "load_autoencoder", "load_model", "load_or_train",
            "project_root", "trained_model"]
 
 
@@ -301,3 +301,21 @@ def cached_samples(trained: TrainedModel, draw, **settings) -> tuple[torch.Tenso
     path.parent.mkdir(parents=True, exist_ok=True)
     save_weights(path, {"samples": samples.detach().cpu().contiguous()}, {**key, "seconds": seconds})
     return samples, seconds
+
+
+def cached_ddim_samples(trained: TrainedModel, n: int, steps: int, seed: int, *,
+                        weights: str = "ema") -> tuple[torch.Tensor, float]:
+    """``n`` unconditional (null-label) DDIM samples of ``trained`` in ``steps`` steps from seed ``seed``, with its
+    ``"ema"`` or ``"raw"`` weights, through :func:`cached_samples`: ``(samples, seconds)``. The one place that names
+    the settings of this set, so that every page asking for it gets the same file."""
+    from .samplers import ddim_sample
+
+    nets = {"ema": trained.model, "raw": trained.raw_model}
+    if weights not in nets:
+        raise ValueError(f"weights must be 'ema' or 'raw'; got {weights!r}")
+
+    def draw():
+        return ddim_sample(nets[weights], trained.schedule, (n, *trained.config.sample_shape), steps=steps,
+                           generator=torch.Generator().manual_seed(seed), clip_denoised=not trained.config.is_latent)
+
+    return cached_samples(trained, draw, sampler="ddim", steps=steps, n=n, seed=seed, weights=weights, guidance=None)

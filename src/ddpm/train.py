@@ -20,9 +20,9 @@ same weights as an uninterrupted run on the CPU (single process).
 
 On CUDA the step runs under bf16 autocast with channels-last tensors and fused AdamW, optionally through
 ``torch.compile``. On a CPU with native bf16 arithmetic, ``cpu_bf16`` runs the step under bf16 autocast too
-(``mnist-cpu`` does: about 1.25 times the images per second of fp32 on two AVX512-BF16 cores). Under ``torchrun --nproc_per_node=N`` the model is wrapped in PyTorch's
-``DistributedDataParallel``; ``batch_size`` is the global batch (``batch_size / N`` per rank) and only rank 0
-writes checkpoints.
+(``mnist-cpu`` does: about 1.25 times the images per second of fp32 on two AVX512-BF16 cores). Under
+``torchrun --nproc_per_node=N`` the model is wrapped in PyTorch's ``DistributedDataParallel``; ``batch_size`` is
+the global batch (``batch_size / N`` per rank) and only rank 0 writes checkpoints.
 
 Progress bars follow :func:`ddpm.callbacks.progress_enabled`. The configuration lives in ``ddpm.trainconfig``
 and the hooks in ``ddpm.callbacks``; the names are re-exported here.

@@ -15,14 +15,17 @@ from .data import dataset_info
 from .losses import LOSS_TYPES, VAR_TYPES
 from .schedule import SCHEDULES, NoiseSchedule
 
-__all__ = ["FINAL_LR_FRACTION", "LOSS_TYPES", "LR_DECAYS", "MODEL_TYPES", "RESUME_FREE_KEYS", "TIMESTEP_SAMPLERS",
-           "TrainConfig", "TrainingDiverged", "build_model", "cpu_has_bf16", "resume_free_keys"]
+__all__ = ["FINAL_LR_FRACTION", "LATER_KEYS", "LOSS_TYPES", "LR_DECAYS", "MODEL_TYPES", "RESUME_FREE_KEYS",
+           "TIMESTEP_SAMPLERS", "TrainConfig", "TrainingDiverged", "build_model", "cpu_has_bf16", "resume_free_keys"]
 
 MODEL_TYPES = ("unet", "mlp", "dit")
 TIMESTEP_SAMPLERS = ("uniform", "importance")
 LR_DECAYS = ("constant", "cosine")
 #: With ``lr_decay="cosine"`` the learning rate ends at this fraction of ``lr``.
 FINAL_LR_FRACTION = 0.1
+#: Keys added after the first checkpoints, with their defaults: ``to_dict`` leaves a key out at its default, so the
+#: dict (and the hash that names a cached model) of a configuration that does not use it is as it was before it.
+LATER_KEYS = {"autoencoder": None, "cpu_bf16": False}
 #: Keys that may change when a run is resumed: they do not alter the trajectory of the weights.
 RESUME_FREE_KEYS = ("steps", "checkpoint_every", "preview_every", "log_every")
 
@@ -129,11 +132,10 @@ class TrainConfig:
         """JSON-ready dict (the model config normalised: tuples become lists, defaults filled in)."""
         out = dataclasses.asdict(self)
         out["model"] = self.model_config().to_dict()
-        if not self.cpu_bf16:
-            del out["cpu_bf16"]  # so the dicts (and hashes) of configs without it are as they were before it
-        if self.autoencoder is None:
-            del out["autoencoder"]  # a pixel model's dict (and its hash) is as it was before latent models
-        else:
+        for key, default in LATER_KEYS.items():
+            if out[key] == default:
+                del out[key]
+        if self.autoencoder is not None:
             ae, training = self.autoencoder_config()
             out["autoencoder"] = {k: v for k, v in ae.to_dict().items() if k not in ("image_size", "in_channels")}
             out["autoencoder"].update(training)
