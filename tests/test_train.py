@@ -129,6 +129,21 @@ def test_presets(monkeypatch):
 # small pieces
 
 
+def test_ema_warmup_end_is_where_the_cap_first_binds():
+    from ddpm.optim import ema_warmup_end
+
+    for decay in (0.9, 0.99, 0.999, 0.9999):
+        n = ema_warmup_end(decay)
+        assert n == pytest.approx((10 * decay - 1) / (1 - decay), abs=1)  # the closed form
+        assert ema_decay_at(n, decay) == decay and ema_decay_at(n - 1, decay) < decay
+    # below the end of the shorter warm-up, two caps give the same decay at every update: the same weights
+    short = ema_warmup_end(0.999)
+    assert all(ema_decay_at(k, 0.999) == ema_decay_at(k, 0.9999) for k in range(0, short, 97))
+    assert ema_decay_at(short + 10, 0.999) < ema_decay_at(short + 10, 0.9999)
+    with pytest.raises(ValueError, match="decay must lie in"):
+        ema_warmup_end(1.0)
+
+
 def test_ema_decay_warm_up_and_update():
     assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
     assert ema_decay_at(90, 0.999) == pytest.approx(91 / 100)
@@ -419,3 +434,7 @@ def test_recipe_summary_names_what_the_preset_does():
     assert "$" not in text
     plain = recipe_summary(unet_config())
     assert "Min-SNR" not in plain and "label dropout 0.3" in plain and "constant after the warm-up" in plain
+    # a run too short for the warm-up to reach the cap says where its decay stops instead of naming the cap
+    short = recipe_summary(toy_config(steps=2400, ema_decay=0.999))
+    assert f"stops at {ema_decay_at(2399, 0.999):.4f} on the last step, short of its cap 0.999" in short
+    assert recipe_summary(toy_config(steps=20000, ema_decay=0.999)).endswith("EMA 0.999")

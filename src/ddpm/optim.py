@@ -8,7 +8,7 @@ import torch
 
 from .trainconfig import FINAL_LR_FRACTION, TrainConfig
 
-__all__ = ["ema_decay_at", "learning_rate", "update_ema"]
+__all__ = ["ema_decay_at", "ema_warmup_end", "learning_rate", "update_ema"]
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -30,6 +30,21 @@ def ema_decay_at(update: int, decay: float, warmup: bool = True) -> float:
     the fast early changes of the weights instead of remembering the random initialisation.
     """
     return min(decay, (1.0 + update) / (10.0 + update)) if warmup else decay
+
+
+def ema_warmup_end(decay: float) -> int:
+    """The first 0-based update at which the warm-up reaches ``decay``: (1 + n) / (10 + n) >= decay holds from
+    n = (10 decay - 1) / (1 - decay) on (8,990 for 0.999, 89,990 for 0.9999). A run that stops earlier never uses
+    ``decay``: its average follows the warm-up alone, whose horizon 1 / (1 - decay_n) = (10 + n) / 9 is about a
+    ninth of the steps so far, so any two caps above the warm-up's last value give the same weights."""
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"decay must lie in (0, 1); got {decay}")
+    n = max(0, math.ceil((10.0 * decay - 1.0) / (1.0 - decay) - 1e-6))
+    while n > 0 and ema_decay_at(n - 1, decay) >= decay:  # the float rounding of the bound, both ways
+        n -= 1
+    while ema_decay_at(n, decay) < decay:
+        n += 1
+    return n
 
 
 @torch.no_grad()

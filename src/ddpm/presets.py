@@ -30,6 +30,7 @@ import dataclasses
 import os
 from typing import Callable
 
+from .optim import ema_decay_at
 from .trainconfig import TrainConfig
 
 __all__ = ["PRESETS", "PROFILES", "get_preset", "mnist_preset", "preset_names", "profile", "recipe_summary"]
@@ -275,5 +276,7 @@ def recipe_summary(config: TrainConfig) -> str:
     decay = "with a cosine decay" if config.lr_decay == "cosine" else "constant after the warm-up"
     parts.append(f"AdamW at {config.lr:g} {decay}")
     parts.append(f"batch {config.batch_size}")
-    parts.append(f"EMA {config.ema_decay:g}")
+    last = ema_decay_at(config.steps - 1, config.ema_decay, config.ema_warmup)
+    parts.append(f"EMA {config.ema_decay:g}" if last == config.ema_decay
+                 else f"an EMA whose warm-up stops at {last:.4f} on the last step, short of its cap {config.ema_decay:g}")
     return ", ".join(parts)
