@@ -8,7 +8,8 @@ Training goes through ``load_or_train``, so the checkpoint lands in the model ca
 * ``--n`` unconditional samples (the null label) and their FID to the training digits in the project's metric,
   against the real-data floor at the same n (as many held-out digits, scored the same way);
 * ``--n`` conditional samples (labels 0..9 in turn; unguided for ``mnist-cpu``, with classifier-free guidance
-  w = 1 for ``mnist-latent``) and the metric classifier's accuracy on them.
+  w = 1 for ``mnist-latent``) and the metric classifier's accuracy on them, beside its accuracy on the held-out
+  real digits (what real digits score).
 
 A latent model samples latents (not clipped) and decodes them; its training time counts both stages. It prints each
 target of the preset with its measured value and whether it is met (``TARGETS``):
@@ -22,6 +23,9 @@ and writes into ``benchmarks/results/`` (``<name>`` is ``mnist_cpu`` or ``mnist_
 * ``<name>_grid.png``: 100 unconditional samples, 10x10;
 * ``<name>_grid_conditional.png``: the first 100 conditional samples, one class per column;
 * ``train_<name>.json``: the numbers and their provenance.
+
+With ``--steps`` other than the preset's, ``<name>`` ends in ``_steps<N>`` (for example ``mnist_cpu_steps4800``),
+so that a longer or shorter run is recorded beside the preset's record instead of over it.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from ddpm.guidance import ClassifierFreeGuidance
 from ddpm.metrics import (classifier_outputs, conditional_accuracy, fid_with_error, heldout_floor,
                           load_or_train_mnist_classifier, real_digits)
 from ddpm.plotting import save_png_grid, to_uint8
-from ddpm.presets import recipe_summary
+from ddpm.presets import get_preset, recipe_summary
 from ddpm.samplers import sample_in_batches
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,6 +72,8 @@ def main() -> None:
     info, config = trained.info, trained.config
     target = TARGETS[args.preset]
     name = args.preset.replace("-", "_")
+    if config.steps != get_preset(args.preset).steps:
+        name += f"_steps{config.steps}"
     train_images_per_s = info["steps"] * config.batch_size / info["wall_time_s"]
     first_stage_s = info.get("autoencoder_seconds", 0.0)
 
@@ -93,7 +99,11 @@ def main() -> None:
     real = real_digits("train")[0]
     reference = classifier_outputs(classifier, real)["features"]
     fid = fid_with_error(classifier_outputs(classifier, uncond)["features"], reference)
-    floor = heldout_floor(classifier_outputs(classifier, real_digits("test")[0])["features"], reference, args.n)
+    heldout, heldout_labels = real_digits("test")
+    heldout_out = classifier_outputs(classifier, heldout)
+    floor = heldout_floor(heldout_out["features"], reference, args.n)
+    # what real digits score: how often the metric classifier reads held-out digits as their own label
+    real_accuracy = conditional_accuracy(heldout_out["probs"], heldout_labels)
     brightness_std = float(uncond.mean((1, 2, 3)).std())
     data_brightness_std = float(real.mean((1, 2, 3)).std())
     train_min = (info["wall_time_s"] + first_stage_s) / 60
@@ -129,6 +139,8 @@ def main() -> None:
         "sampling_wall_time_s": round(sampling_s, 1),
         "sampling_images_per_s": round(args.n / sampling_s, 2),
         "conditional_accuracy": round(accuracy, 4),
+        "real_accuracy": round(real_accuracy, 4),
+        "real_accuracy_n": len(heldout_labels),
         "unconditional_fid": round(fid["fid"], 2),
         "unconditional_fid_std": round(fid["std"], 2),
         "floor_fid": round(floor["fid"], 2),
@@ -152,7 +164,8 @@ def main() -> None:
     print(f"unconditional FID {fid['fid']:.1f} +- {fid['std']:.1f} to the training digits; real-data floor "
           f"{floor['fid']:.1f} +- {floor['std']:.1f} ({floor['n']} held-out digits); mean-brightness spread "
           f"{brightness_std:.3f} (training digits {data_brightness_std:.3f})")
-    print(f"conditional (w = {target['guidance']:g}): the metric classifier reads {accuracy:.1%} of {args.n} digits as their requested class")
+    print(f"conditional (w = {target['guidance']:g}): the metric classifier reads {accuracy:.1%} of {args.n} digits as their "
+          f"requested class, and {real_accuracy:.1%} of {len(heldout_labels)} held-out real digits as their label")
     for label, (value, goal, ok) in targets.items():
         print(f"target {label:<27} {value:8.3f}  {goal:<7} {'met' if ok else 'NOT met'}")
     print(f"grids: {RESULTS / f'{name}_grid.png'} (unconditional), {RESULTS / f'{name}_grid_conditional.png'}; "
