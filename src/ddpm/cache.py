@@ -29,8 +29,8 @@ from .schedule import NoiseSchedule
 from .train import TrainConfig, Trainer, build_model
 from .unet import count_parameters
 
-__all__ = ["TrainedModel", "cache_dir", "cached_ddim_samples", "cached_samples", "load_autoencoder", "load_model", "load_or_train",
-           "project_root", "trained_model"]
+__all__ = ["TrainedModel", "cache_dir", "cached_ddim_samples", "cached_samples", "load_autoencoder", "load_model",
+           "load_or_train", "project_root", "trained_model"]
 
 
 def _filled(model: torch.nn.Module, state, directory: Path, problem: str) -> torch.nn.Module:

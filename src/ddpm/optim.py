@@ -39,9 +39,7 @@ def ema_warmup_end(decay: float) -> int:
     ninth of the steps so far, so any two caps above the warm-up's last value give the same weights."""
     if not 0.0 < decay < 1.0:
         raise ValueError(f"decay must lie in (0, 1); got {decay}")
-    n = max(0, math.ceil((10.0 * decay - 1.0) / (1.0 - decay) - 1e-6))
-    while n > 0 and ema_decay_at(n - 1, decay) >= decay:  # the float rounding of the bound, both ways
-        n -= 1
+    n = max(0, math.floor((10.0 * decay - 1.0) / (1.0 - decay)) - 1)  # just below the bound, whatever its rounding
     while ema_decay_at(n, decay) < decay:
         n += 1
     return n
