@@ -49,6 +49,7 @@ def assert_usage_error(capsys, *argv, match):
     code, out, err = run(capsys, *argv)
     assert code == 2, (code, out, err)
     assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("python -m ddpm"), err  # every message names the program
     assert match in err, err
     return err
 
@@ -82,6 +83,11 @@ def test_train_writes_a_checkpoint_and_resumes(tmp_path, capsys, toy_ckpt):
                          "--no-progress")
     assert code == 0 and "resuming" in out and "to step 5" in out and err == ""
     assert load_training_state(toy_ckpt)["state"]["step"] == 5
+    before = {f.name: f.read_bytes() for f in Path(toy_ckpt).iterdir() if f.is_file()}
+    code, out, err = run(capsys, "train", "--preset", "toy2d", "--steps", "4", "--out", toy_ckpt, "--resume",
+                         "--no-progress")
+    assert code == 0 and "already at step 5" in out and "nothing to train" in out and err == ""
+    assert {f.name: f.read_bytes() for f in Path(toy_ckpt).iterdir() if f.is_file()} == before  # left untouched
 
 
 def test_train_refuses_bad_input(tmp_path, capsys, toy_ckpt):
@@ -147,6 +153,16 @@ def test_sampler_names_of_the_command_line_are_the_package_samplers():
     assert cli.SAMPLER_NAMES == SAMPLERS
 
 
+def test_preset_names_of_the_command_line_are_the_package_presets(capsys):
+    from ddpm.presets import preset_names
+
+    assert list(cli.PRESET_NAMES) == preset_names()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    help_text = "".join(capsys.readouterr().out.split())  # argparse may wrap inside a name
+    assert ",".join(preset_names()) in help_text
+
+
 @pytest.mark.parametrize("var_type", ["fixed_large", "fixed_small"])
 def test_ancestral_sampling_uses_the_variance_the_model_was_trained_with(tmp_path, capsys, monkeypatch, var_type):
     import ddpm.samplers as samplers
@@ -192,7 +208,7 @@ def test_sample_refuses_bad_input(tmp_path, capsys, image_ckpt, toy_ckpt):
     assert_usage_error(capsys, *base, "--class", "-1", "--out", tmp_path / "a.png", match="must be an integer >= 0")
     assert_usage_error(capsys, *base, "--guidance-scale", "-1", "--out", tmp_path / "a.png",
                        match="must be a finite number >= 0")
-    assert_usage_error(capsys, *base, "--out", tmp_path / "a.jpg", match="--out must end in .png or .npz")
+    assert_usage_error(capsys, *base, "--out", tmp_path / "a.jpg", match="python -m ddpm sample: --out must end in .png or .npz")
     assert_usage_error(capsys, *base, "--sampler", "euler", "--out", tmp_path / "a.png", match="invalid choice: 'euler'")
     assert_usage_error(capsys, "sample", "--checkpoint", tmp_path / "missing", "--out", tmp_path / "a.png",
                        match="not found")

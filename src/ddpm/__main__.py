@@ -22,6 +22,8 @@ from pathlib import Path
 
 # the names of ddpm.samplers.SAMPLERS, kept here so that `--help` does not import torch (a test compares them)
 SAMPLER_NAMES = ("ddpm", "ddim", "heun", "dpm++2m")
+# the names of ddpm.presets.PRESETS, for the same reason
+PRESET_NAMES = ("toy2d", "mnist-cpu", "mnist-gpu", "cifar10-gpu", "mnist-latent", "mnist14")
 
 PROG = "python -m ddpm"
 
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a preset; checkpoints are resumable",
                        description="Train a preset configuration. Ctrl-C saves a resumable checkpoint.")
-    p.add_argument("--preset", required=True, help="toy2d, mnist-cpu, mnist-gpu or cifar10-gpu")
+    p.add_argument("--preset", required=True, help=", ".join(PRESET_NAMES))
     p.add_argument("--steps", type=_positive("--steps"), help="override the preset's number of steps")
     p.add_argument("--out", type=Path, help="checkpoint directory (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -153,9 +155,14 @@ def cmd_train(args) -> int:
                       callbacks=[_PreviewWriter(out)] if config.preview_every else [])
     if args.resume:
         trainer.load()
-        if trainer.is_main:
-            print(f"resuming {out} at step {trainer.step}", flush=True)
     try:
+        if args.resume and trainer.step >= config.steps:  # say so rather than report a run that did nothing
+            if trainer.is_main:
+                print(f"{out} is already at step {trainer.step}, the end of a run of {config.steps} steps; "
+                      f"nothing to train (pass a larger --steps to continue)", flush=True)
+            return 0
+        if args.resume and trainer.is_main:
+            print(f"resuming {out} at step {trainer.step}", flush=True)
         trainer.fit()
     except KeyboardInterrupt:
         if trainer.is_main:
@@ -348,11 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DatasetUnavailable
 
     parser = build_parser()
+    command = None
     try:
         args = parser.parse_args(argv)
-        return COMMANDS[args.command](args)
+        command = args.command
+        return COMMANDS[command](args)
     except UsageError as exc:
-        print(str(exc), file=sys.stderr)
+        message = str(exc)
+        if not message.startswith(PROG):  # name the command, as argparse's own errors do
+            message = f"{PROG} {command}: {message}"
+        print(message, file=sys.stderr)
         return 2
     except (CheckpointError, DatasetUnavailable) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
