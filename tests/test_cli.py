@@ -104,6 +104,20 @@ def test_train_refuses_bad_input(tmp_path, capsys, toy_ckpt):
     assert_usage_error(capsys, "fly", match="invalid choice: 'fly'")
 
 
+def test_a_device_this_machine_lacks_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    import torch
+
+    base = ("train", "--preset", "toy2d", "--steps", "1", "--out", tmp_path / "run", "--device")
+    assert_usage_error(capsys, *base, "warp", match="--device 'warp' is not a torch device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert_usage_error(capsys, *base, "cuda", match="--device cuda: this machine has no usable CUDA GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert_usage_error(capsys, *base, "cuda:3", match="--device cuda:3: this machine has 1 CUDA GPU(s)")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
 def test_sample_png_and_npz(tmp_path, capsys, image_ckpt):
     code, out, _ = run(capsys, "sample", "--checkpoint", image_ckpt, "--sampler", "ddim", "--steps", "4", "--n", "5",
                        "--out", tmp_path / "grid.png")
@@ -273,5 +287,5 @@ def test_train_without_the_dataset_is_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(MNIST, "download", offline)
     err = assert_usage_error(capsys, "train", "--preset", "mnist-gpu", "--out", tmp_path / "run", "--data-root",
-                             tmp_path / "data", match="set DDPM_PROFILE=cpu to use the offline digits 'mnist5k'")
+                             tmp_path / "data", match="train on the offline digits 'mnist5k' (--preset mnist-cpu")
     assert "no network" in err and not (tmp_path / "run").exists()

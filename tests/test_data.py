@@ -178,8 +178,9 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch):
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(FashionMNIST, "download", offline)
-    with pytest.raises(DatasetUnavailable, match=r"cannot be downloaded \(.*name resolution.*\); set DDPM_PROFILE=cpu "
-                                                 r"to use the offline digits 'mnist5k', or set DDPM_DATA to a folder "
+    with pytest.raises(DatasetUnavailable, match=r"cannot be downloaded \(.*name resolution.*\); without a network, "
+                                                 r"train on the offline digits 'mnist5k' \(--preset mnist-cpu, or "
+                                                 r"DDPM_PROFILE=cpu in the notebooks\), or set DDPM_DATA to a folder "
                                                  r"that already holds the files"):
         load_dataset("fashion-mnist", root=tmp_path)
 

@@ -143,8 +143,9 @@ def _mnist5k(split: str, pool: bool = False) -> tuple[torch.Tensor, torch.Tensor
 
 def _offline_message(name: str, root: Path, reason: str) -> str:
     return (
-        f"dataset {name!r} is not in {root} and cannot be downloaded ({reason}); set DDPM_PROFILE=cpu to use "
-        f"the offline digits 'mnist5k', or set DDPM_DATA to a folder that already holds the files"
+        f"dataset {name!r} is not in {root} and cannot be downloaded ({reason}); without a network, train on the "
+        f"offline digits 'mnist5k' (--preset mnist-cpu, or DDPM_PROFILE=cpu in the notebooks), or set DDPM_DATA to "
+        f"a folder that already holds the files"
     )
 
 
