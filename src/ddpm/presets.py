@@ -180,7 +180,9 @@ def _mnist_latent() -> TrainConfig:
     # label dropout 0.5 gives null-label samples of FID 73 against 115 with 0.2, and an unconditional DiT of the same
     # size scores no better (78), so the unconditional branch is limited by the network and its training time, not by
     # sharing it with the labels. 2,000 steps keep the book's build within its budget. Min-SNR-5 and the decaying
-    # learning rate are the pixel model's recipe, at a higher rate, as suits a small transformer.
+    # learning rate are the pixel model's recipe, at three times its rate: at 2,000 steps (one run each; n = 1,000) the
+    # null-label FID was 155 at lr 1e-3, 105 at 3e-3 and 94 at 6e-3, while a wider DiT (width 128) at equal time
+    # scored 152.
     return TrainConfig(
         name="mnist-latent",
         model_type="dit",
@@ -194,7 +196,7 @@ def _mnist_latent() -> TrainConfig:
         loss_type="simple",
         snr_gamma=5.0,
         batch_size=64,
-        lr=3e-3,
+        lr=6e-3,
         lr_decay="cosine",
         warmup_steps=100,
         steps=2000,
