@@ -164,8 +164,8 @@ def main() -> None:
     print(f"unconditional FID {fid['fid']:.1f} +- {fid['std']:.1f} to the training digits; real-data floor "
           f"{floor['fid']:.1f} +- {floor['std']:.1f} ({floor['n']} held-out digits); mean-brightness spread "
           f"{brightness_std:.3f} (training digits {data_brightness_std:.3f})")
-    print(f"conditional (w = {target['guidance']:g}): the metric classifier reads {accuracy:.1%} of {args.n} digits as their "
-          f"requested class, and {real_accuracy:.1%} of {len(heldout_labels)} held-out real digits as their label")
+    print(f"conditional (w = {target['guidance']:g}): the metric classifier reads {accuracy:.1%} of {args.n} digits as "
+          f"their requested class, and {real_accuracy:.1%} of {len(heldout_labels)} held-out real digits as their label")
     for label, (value, goal, ok) in targets.items():
         print(f"target {label:<27} {value:8.3f}  {goal:<7} {'met' if ok else 'NOT met'}")
     print(f"grids: {RESULTS / f'{name}_grid.png'} (unconditional), {RESULTS / f'{name}_grid_conditional.png'}; "

@@ -222,7 +222,8 @@ def test_sample_refuses_bad_input(tmp_path, capsys, image_ckpt, toy_ckpt):
     assert_usage_error(capsys, *base, "--class", "-1", "--out", tmp_path / "a.png", match="must be an integer >= 0")
     assert_usage_error(capsys, *base, "--guidance-scale", "-1", "--out", tmp_path / "a.png",
                        match="must be a finite number >= 0")
-    assert_usage_error(capsys, *base, "--out", tmp_path / "a.jpg", match="python -m ddpm sample: --out must end in .png or .npz")
+    assert_usage_error(capsys, *base, "--out", tmp_path / "a.jpg",
+                       match="python -m ddpm sample: --out must end in .png or .npz")
     assert_usage_error(capsys, *base, "--sampler", "euler", "--out", tmp_path / "a.png", match="invalid choice: 'euler'")
     assert_usage_error(capsys, "sample", "--checkpoint", tmp_path / "missing", "--out", tmp_path / "a.png",
                        match="not found")

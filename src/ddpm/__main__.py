@@ -148,7 +148,7 @@ def cmd_train(args) -> int:
     try:
         config = get_preset(args.preset, **({} if args.steps is None else {"steps": args.steps}))
     except ValueError as exc:
-        raise UsageError(f"{PROG} train: {exc}") from None
+        raise UsageError(str(exc)) from None  # main() names the command
     out = args.out if args.out is not None else Path("runs") / args.preset
     exists = (out / "config.json").exists()
     if args.resume and not exists:
@@ -165,7 +165,7 @@ def cmd_train(args) -> int:
     if args.resume:
         trainer.load()
     try:
-        if args.resume and trainer.step >= config.steps:  # say so rather than report a run that did nothing
+        if trainer.step >= config.steps:  # a finished run, resumed: say so rather than report a run that did nothing
             if trainer.is_main:
                 print(f"{out} is already at step {trainer.step}, the end of a run of {config.steps} steps; "
                       f"nothing to train (pass a larger --steps to continue)", flush=True)

@@ -347,7 +347,8 @@ def read_checkpoint_header(directory: str | os.PathLike) -> dict[str, Any]:
     if not directory.is_dir():
         if directory.exists():
             raise CheckpointError(f"checkpoint {directory} is a file, not a checkpoint directory; pass the directory")
-        raise CheckpointError(f"checkpoint {directory} not found; train one with: python -m ddpm train --preset NAME --out {directory}")
+        raise CheckpointError(f"checkpoint {directory} not found; train one with: "
+                              f"python -m ddpm train --preset NAME --out {directory}")
     header = _read_json(directory / CONFIG_FILE)
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME or "config" not in header:
         raise CheckpointError(f"{directory / CONFIG_FILE} is not a ddpm checkpoint; pass a directory written by ddpm")
