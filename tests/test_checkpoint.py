@@ -321,11 +321,15 @@ def test_load_or_train_leaves_the_global_random_state_alone(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_load_or_train_replaces_a_corrupt_cache_entry(tmp_path):
+def test_load_or_train_replaces_a_corrupt_cache_entry(tmp_path, capsys):
     config = toy_config(steps=2)
     first = cache.load_or_train(config, cache_dir=tmp_path, progress=False)
+    assert "trains this model again" not in capsys.readouterr().err
     (first.path / "ema.safetensors").write_bytes(b"\x00" * 10)
     again = cache.load_or_train(config, cache_dir=tmp_path, progress=False)
+    err = capsys.readouterr().err.strip().splitlines()  # one line says why the notebook trains again
+    assert len(err) == 1 and "ema.safetensors is truncated or corrupt" in err[0]
+    assert err[0].endswith("the model cache trains this model again")
     for k, v in first.model.state_dict().items():
         assert torch.equal(again.model.state_dict()[k], v)  # retrained, with the same seed: the same weights
     load_weights(again.path / "ema.safetensors")  # and the file is whole again

@@ -49,7 +49,8 @@ def assert_usage_error(capsys, *argv, match):
     code, out, err = run(capsys, *argv)
     assert code == 2, (code, out, err)
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith("python -m ddpm"), err  # every message names the program
+    command = argv[0] if argv[0] in cli.COMMANDS else ""  # every message names the program and the command
+    assert err.startswith(f"python -m ddpm {command}".strip()), err
     assert match in err, err
     return err
 
@@ -276,6 +277,9 @@ def test_evaluate(tmp_path, capsys, monkeypatch):
     assert_usage_error(capsys, "evaluate", "--samples", tmp_path / "bad.npz", match="not a readable .npz")
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 28, 28, 1), np.float32))
     assert_usage_error(capsys, "evaluate", "--samples", tmp_path / "float.npz", match="arr_0 must be uint8")
+    np.savez(tmp_path / "small.npz", arr_0=np.zeros((2, 14, 14, 1), np.uint8))  # an mnist14 model's samples
+    assert_usage_error(capsys, "evaluate", "--samples", tmp_path / "small.npz", match="28x28 grey digits")
+    assert seen == [path]  # no bad file reached the metric
 
 
 def test_train_without_the_dataset_is_one_line(tmp_path, capsys, monkeypatch):

@@ -349,6 +349,9 @@ def cmd_evaluate(args) -> int:
         raise UsageError(f"--samples: {path} is not a readable .npz with arr_0 ({type(exc).__name__})") from None
     if arr.dtype != np.uint8 or arr.ndim != 4:
         raise UsageError(f"--samples: arr_0 must be uint8 [N, H, W, C], got {arr.dtype} {list(arr.shape)}")
+    if arr.shape[1:] != (28, 28, 1):
+        raise UsageError(f"--samples: the metric scores 28x28 grey digits [N, 28, 28, 1], got {list(arr.shape)}; "
+                         "sample a 28x28 model (mnist-cpu, mnist-gpu or mnist-latent)")
     from .metrics import evaluate_samples, format_report
 
     print(format_report(evaluate_samples(path)))
@@ -369,17 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         command = args.command
         return COMMANDS[command](args)
-    except UsageError as exc:
-        message = str(exc)
-        if not message.startswith(PROG):  # name the command, as argparse's own errors do
-            message = f"{PROG} {command}: {message}"
+    except (UsageError, CheckpointError, DatasetUnavailable, ValueError) as exc:
+        # one line naming the program and the command, as argparse's own errors do; a ValueError is a bad value
+        # found by the library (e.g. a respacing that does not fit T): its first line says what
+        message = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if not message.startswith(PROG):
+            message = f"{PROG} {command}: {message}" if command else f"{PROG}: {message}"
         print(message, file=sys.stderr)
-        return 2
-    except (CheckpointError, DatasetUnavailable) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # bad values found by the library (e.g. a respacing that does not fit T)
-        print(f"{PROG}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -192,20 +193,27 @@ def load_or_train(
             try:
                 cached = _finished_model(directory, config, name, digest, device)
             except CheckpointError:
-                cached = None  # an unusable entry (e.g. a truncated file) is trained again below
+                cached = None  # an unusable entry (e.g. a truncated file) is resumed or trained again below
             if cached is not None:
                 return cached
         trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress, preset=name)
         if (directory / CONFIG_FILE).exists():
             try:
                 trainer.load(directory)  # an interrupted run: resume it exactly
-            except CheckpointError:
+            except CheckpointError as exc:
+                _retraining(exc)
                 trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress,
                                   preset=name)
         trainer.fit()
         return trained_model(trainer, digest)
     finally:
         restore_rng_state(rng_tensors, rng_meta)
+
+
+def _retraining(exc: CheckpointError) -> None:
+    """Say on stderr why a cache entry is trained again, so that a notebook's extra minutes have a reason."""
+    reason = str(exc).split("; ")[0]
+    print(f"{reason}; the model cache trains this model again", file=sys.stderr, flush=True)
 
 
 def _finished_model(directory: Path, config, name: str, digest: str, device) -> TrainedModel | None:
