@@ -13,7 +13,7 @@
                    (smaller), random flips, L_hybrid, cosine schedule
 ``mnist-latent``   the book's small latent diffusion model: a KL-regularised autoencoder (28x28 digits to 4x7x7
                    latents, about two minutes) and a class-conditional diffusion transformer (DiT) on its latents
-                   with label dropout 0.5; together about 5.5 minutes on two CPU cores
+                   with label dropout 0.5 and the cosine schedule; together about 5.5 minutes on two CPU cores
 ``mnist14``        a small unconditional U-Net on the digits pooled to 14x14 (``mnist5k-14``), cosine schedule,
                    L_hybrid: the base recipe that the Improved DDPM notebook varies (schedule, objective) at a
                    scale where each variant trains in under a minute on a CPU (about 180k parameters)
@@ -182,7 +182,11 @@ def _mnist_latent() -> TrainConfig:
     # sharing it with the labels. 2,000 steps keep the book's build within its budget. Min-SNR-5 and the decaying
     # learning rate are the pixel model's recipe, at three times its rate: at 2,000 steps (one run each; n = 1,000) the
     # null-label FID was 155 at lr 1e-3, 105 at 3e-3 and 94 at 6e-3, while a wider DiT (width 128) at equal time
-    # scored 152.
+    # scored 152. The cosine schedule of Improved DDPM, not the pixel model's linear one: at lr 6e-3 its null-label
+    # FID was 77 against 94 (one run each, n = 1,000) and its guided samples (w = 1) scored 19 against 25, 97.6%
+    # against 98.3% of them the requested digit; the accuracy at w = 0 stayed about the same (74% against 76%), so
+    # the gain is in the samples' quality more than in their class. At lr 1e-2 the cosine schedule scored 76, with
+    # 96.6% of the guided samples the requested digit.
     return TrainConfig(
         name="mnist-latent",
         model_type="dit",
@@ -191,7 +195,7 @@ def _mnist_latent() -> TrainConfig:
         dataset="mnist5k",
         autoencoder={"channels": [16, 32], "latent_channels": 4, "kl_weight": 1e-3, "steps": 1200,
                      "batch_size": 64, "lr": 2e-3},
-        schedule="linear",
+        schedule="cosine",
         T=1000,
         loss_type="simple",
         snr_gamma=5.0,
