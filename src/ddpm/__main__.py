@@ -349,10 +349,12 @@ def cmd_evaluate(args) -> int:
         raise UsageError(f"--samples: {path} is not a readable .npz with arr_0 ({type(exc).__name__})") from None
     if arr.dtype != np.uint8 or arr.ndim != 4:
         raise UsageError(f"--samples: arr_0 must be uint8 [N, H, W, C], got {arr.dtype} {list(arr.shape)}")
-    if arr.shape[1:] != (28, 28, 1):
+    from .metrics import IMAGE_SHAPE, evaluate_samples, format_report
+
+    channels, height, width = IMAGE_SHAPE
+    if arr.shape[1:] != (height, width, channels):  # checked before the metric loads its classifier
         raise UsageError(f"--samples: the metric scores 28x28 grey digits [N, 28, 28, 1], got {list(arr.shape)}; "
                          "sample a 28x28 model (mnist-cpu, mnist-gpu or mnist-latent)")
-    from .metrics import evaluate_samples, format_report
 
     print(format_report(evaluate_samples(path)))
     return 0

@@ -20,8 +20,11 @@ from .paths import cache_dir
 from .samplefiles import as_model_images
 from .blocks import _config_to_dict
 
-__all__ = ["MNISTClassifier", "MNISTClassifierConfig", "classifier_accuracy", "classifier_outputs",
+__all__ = ["IMAGE_SHAPE", "MNISTClassifier", "MNISTClassifierConfig", "classifier_accuracy", "classifier_outputs",
            "load_or_train_mnist_classifier", "real_digits", "train_mnist_classifier"]
+
+#: the one image shape the classifier (and so the metric) takes: [C, H, W] of a grey 28x28 digit
+IMAGE_SHAPE = (1, 28, 28)
 
 
 def real_digits(split: str = "train", dataset: str = "mnist5k") -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +77,7 @@ class MNISTClassifier(nn.Module):
         self.head = nn.Linear(config.feature_dim, config.num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1:] != (1, 28, 28):
+        if x.shape[1:] != IMAGE_SHAPE:
             raise ValueError(f"x: the MNIST classifier takes [N, 1, 28, 28] images, got {tuple(x.shape)}")
         h = F.max_pool2d(F.relu(self.conv1(x)), 2)
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)

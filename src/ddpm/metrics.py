@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from .digit_classifier import (MNISTClassifier, MNISTClassifierConfig, classifier_accuracy,  # noqa: F401
+from .digit_classifier import (IMAGE_SHAPE, MNISTClassifier, MNISTClassifierConfig, classifier_accuracy,  # noqa: F401
                                classifier_outputs, load_or_train_mnist_classifier, real_digits,
                                train_mnist_classifier)
 from .fid import (fid_floor, fid_from_features, fid_with_error, frechet_distance, gaussian_stats,  # noqa: F401
@@ -159,7 +159,7 @@ def evaluate_images(
     and ``note``. The numbers are not comparable with published Inception FIDs (see ``note``).
     """
     x = as_model_images(images)
-    if x.shape[1:] != (1, 28, 28):
+    if x.shape[1:] != IMAGE_SHAPE:
         raise ValueError(f"images: the metric classifier takes 28x28 grey digits, got [N,C,H,W]={list(x.shape)}")
     if len(x) < 2:
         raise ValueError(f"images: need at least 2 samples, got {len(x)}")
