@@ -1,6 +1,7 @@
 """Benchmark: train a cpu-profile digit preset (``mnist-cpu`` or ``mnist-latent``), then check it against its targets.
 
-    python benchmarks/train_mnist_cpu.py [--preset mnist-latent] [--steps N] [--n 1000] [--sampling-steps 50]
+    python benchmarks/train_mnist_cpu.py [--preset mnist-latent] [--steps N] [--train-seed S] [--n 1000]
+                                         [--sampling-steps 50]
 
 Training goes through ``load_or_train``, so the checkpoint lands in the model cache that the book reuses
 (a second run only samples and reports the recorded training time). Then, with DDIM in ``--sampling-steps`` steps:
@@ -9,7 +10,8 @@ Training goes through ``load_or_train``, so the checkpoint lands in the model ca
   against the real-data floor at the same n (as many held-out digits, scored the same way);
 * ``--n`` conditional samples (labels 0..9 in turn; unguided for ``mnist-cpu``, with classifier-free guidance
   w = 1 for ``mnist-latent``) and the metric classifier's accuracy on them, beside its accuracy on the held-out
-  real digits (what real digits score).
+  real digits (what real digits score), and their FID too: the gap between the two sets' FIDs is what the
+  unconditional branch lacks.
 
 A latent model samples latents (not clipped) and decodes them; its training time counts both stages. It prints each
 target of the preset with its measured value and whether it is met (``TARGETS``):
@@ -25,7 +27,9 @@ and writes into ``benchmarks/results/`` (``<name>`` is ``mnist_cpu`` or ``mnist_
 * ``train_<name>.json``: the numbers and their provenance.
 
 With ``--steps`` other than the preset's, ``<name>`` ends in ``_steps<N>`` (for example ``mnist_cpu_steps4800``),
-so that a longer or shorter run is recorded beside the preset's record instead of over it.
+so that a longer or shorter run is recorded beside the preset's record instead of over it; likewise ``--train-seed``
+other than the preset's ends it in ``_seed<S>``. The error bars of one record count the sampling only; a second
+training seed shows how much one training run differs from the next.
 """
 
 from __future__ import annotations
@@ -55,10 +59,24 @@ TARGETS = {
 }
 
 
+def cpu_name() -> str:
+    """The processor's model name where the system tells it (Linux), else what ``platform`` knows: the machine's
+    speed decides the recorded minutes, so the record says which machine it was."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(TARGETS), default="mnist-cpu", help="preset (default mnist-cpu)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="seed of the training run (default: the preset's)")
     parser.add_argument("--n", type=int, default=1000, help="samples to draw (default 1000)")
     parser.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--batch-size", type=int, default=250, help="samples per sampler call")
@@ -67,13 +85,19 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    trained = load_or_train(args.preset, steps=args.steps, progress=None)
+    preset = get_preset(args.preset)
+    if args.train_seed is None or args.train_seed == preset.seed:
+        trained = load_or_train(args.preset, steps=args.steps, progress=None)
+    else:
+        trained = load_or_train(get_preset(args.preset, seed=args.train_seed), steps=args.steps, progress=None)
     fresh = time.perf_counter() - start > 0.5 * trained.info["wall_time_s"]
     info, config = trained.info, trained.config
     target = TARGETS[args.preset]
     name = args.preset.replace("-", "_")
-    if config.steps != get_preset(args.preset).steps:
+    if config.steps != preset.steps:
         name += f"_steps{config.steps}"
+    if config.seed != preset.seed:
+        name += f"_seed{config.seed}"
     train_images_per_s = info["steps"] * config.batch_size / info["wall_time_s"]
     first_stage_s = info.get("autoencoder_seconds", 0.0)
 
@@ -95,10 +119,12 @@ def main() -> None:
     # the training digits against held-out real digits scored the same way, the metric classifier's accuracy on the
     # requested labels, and the spread of the images' mean brightness (foggy backgrounds widen it).
     classifier, _ = load_or_train_mnist_classifier()
-    accuracy = conditional_accuracy(classifier_outputs(classifier, samples)["probs"], labels)
+    conditional = classifier_outputs(classifier, samples)
+    accuracy = conditional_accuracy(conditional["probs"], labels)
     real = real_digits("train")[0]
     reference = classifier_outputs(classifier, real)["features"]
     fid = fid_with_error(classifier_outputs(classifier, uncond)["features"], reference)
+    conditional_fid = fid_with_error(conditional["features"], reference)
     heldout, heldout_labels = real_digits("test")
     heldout_out = classifier_outputs(classifier, heldout)
     floor = heldout_floor(heldout_out["features"], reference, args.n)
@@ -128,6 +154,7 @@ def main() -> None:
         "recipe": recipe_summary(config),
         "parameters": info["parameters"],
         "steps": info["steps"],
+        "training_seed": config.seed,
         "batch_size": config.batch_size,
         "training_wall_time_s": round(info["wall_time_s"], 1),
         "first_stage_wall_time_s": round(first_stage_s, 1),
@@ -139,6 +166,8 @@ def main() -> None:
         "sampling_wall_time_s": round(sampling_s, 1),
         "sampling_images_per_s": round(args.n / sampling_s, 2),
         "conditional_accuracy": round(accuracy, 4),
+        "conditional_fid": round(conditional_fid["fid"], 2),
+        "conditional_fid_std": round(conditional_fid["std"], 2),
         "real_accuracy": round(real_accuracy, 4),
         "real_accuracy_n": len(heldout_labels),
         "unconditional_fid": round(fid["fid"], 2),
@@ -150,12 +179,13 @@ def main() -> None:
         "data_brightness_std": round(data_brightness_std, 3),
         "device": info["device"],
         "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "checkpoint_hash": info["checkpoint_hash"],
         "torch": torch.__version__,
     }
     (RESULTS / f"train_{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{args.preset}: {info['parameters']:,} parameters, {info['steps']} steps of batch {config.batch_size}")
+    print(f"{args.preset}: {info['parameters']:,} parameters, {info['steps']} steps of batch {config.batch_size}, "
+          f"training seed {config.seed}")
     stage = f" after {first_stage_s / 60:.1f} min for the autoencoder" if config.is_latent else ""
     print(f"training: {info['wall_time_s'] / 60:.1f} min{stage}, {train_images_per_s:.0f} examples/s on "
           f"{info['device']}" + ("" if fresh else " (recorded when the cached checkpoint was trained)"))
@@ -165,7 +195,8 @@ def main() -> None:
           f"{floor['fid']:.1f} +- {floor['std']:.1f} ({floor['n']} held-out digits); mean-brightness spread "
           f"{brightness_std:.3f} (training digits {data_brightness_std:.3f})")
     print(f"conditional (w = {target['guidance']:g}): the metric classifier reads {accuracy:.1%} of {args.n} digits as "
-          f"their requested class, and {real_accuracy:.1%} of {len(heldout_labels)} held-out real digits as their label")
+          f"their requested class, and {real_accuracy:.1%} of {len(heldout_labels)} held-out real digits as their label; "
+          f"their FID {conditional_fid['fid']:.1f} +- {conditional_fid['std']:.1f}")
     for label, (value, goal, ok) in targets.items():
         print(f"target {label:<27} {value:8.3f}  {goal:<7} {'met' if ok else 'NOT met'}")
     print(f"grids: {RESULTS / f'{name}_grid.png'} (unconditional), {RESULTS / f'{name}_grid_conditional.png'}; "
