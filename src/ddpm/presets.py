@@ -88,8 +88,8 @@ def _mnist_cpu() -> TrainConfig:
     #   linear schedule trains there about five times as often. At full length the cosine schedule's null-label
     #   samples scored about 4 lower in FID (two seeds each: 27.0 and 42.4 against 31.3 and 46.9) but its
     #   conditional ones were the requested digit less often (91.0% and 90.5% against 91.3% and 93.1%).
-    # One training run differs from the next by more than these gains: seeds 0 and 1 of this recipe score 31.1 and
-    # 47.0 (benchmarks/train_mnist_cpu.py --train-seed), while their conditional samples both sit at the floor.
+    # One training run differs from the next by more than these gains: seeds 0, 1 and 2 of this recipe score 31.1,
+    # 47.0 and 37.5 (benchmarks/train_mnist_cpu.py --train-seed), while their conditional samples all sit at the floor.
     return TrainConfig(
         name="mnist-cpu",
         model_type="unet",
