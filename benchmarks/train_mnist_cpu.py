@@ -86,10 +86,8 @@ def main() -> None:
 
     start = time.perf_counter()
     preset = get_preset(args.preset)
-    if args.train_seed is None or args.train_seed == preset.seed:
-        trained = load_or_train(args.preset, steps=args.steps, progress=None)
-    else:
-        trained = load_or_train(get_preset(args.preset, seed=args.train_seed), steps=args.steps, progress=None)
+    seed = {} if args.train_seed is None else {"seed": args.train_seed}
+    trained = load_or_train(get_preset(args.preset, **seed), steps=args.steps, progress=None)
     fresh = time.perf_counter() - start > 0.5 * trained.info["wall_time_s"]
     info, config = trained.info, trained.config
     target = TARGETS[args.preset]

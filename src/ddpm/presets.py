@@ -83,7 +83,7 @@ def _mnist_cpu() -> TrainConfig:
     # * label dropout 0.3 instead of the 0.1 of Ho & Salimans: the unconditional branch is used on its own (the
     #   book's unconditional samples, classifier guidance) and at 0.1 it sees too few batches in a short run; 0.5
     #   gave no significantly better unconditional FID and a lower conditional accuracy (at full length, seed 0,
-    #   n = 1,000: 27.1 against 31.1, each +- 2.7, and 88.2% against 92.7%);
+    #   n = 1,000: 27.1 +- 2.6 against 31.1 +- 2.8, and 88.2% against 92.7%);
     # * the linear schedule, not the cosine one: coarse shape and brightness are decided near pure noise, and the
     #   linear schedule trains there about five times as often. At full length the cosine schedule's null-label
     #   samples scored about 4 lower in FID (two seeds each: 27.0 and 42.4 against 31.3 and 46.9) but its
