@@ -1,7 +1,7 @@
 """Benchmark: train a cpu-profile digit preset (``mnist-cpu`` or ``mnist-latent``), then check it against its targets.
 
-    python benchmarks/train_mnist_cpu.py [--preset mnist-latent] [--steps N] [--train-seed S] [--n 1000]
-                                         [--sampling-steps 50]
+    python benchmarks/train_mnist_cpu.py [--preset mnist-latent] [--steps N] [--train-seed S] [--set KEY=VALUE ...]
+                                         [--n 1000] [--sampling-steps 50]
 
 Training goes through ``load_or_train``, so the checkpoint lands in the model cache that the book reuses
 (a second run only samples and reports the recorded training time). Then, with DDIM in ``--sampling-steps`` steps:
@@ -28,7 +28,9 @@ and writes into ``benchmarks/results/`` (``<name>`` is ``mnist_cpu`` or ``mnist_
 
 With ``--steps`` other than the preset's, ``<name>`` ends in ``_steps<N>`` (for example ``mnist_cpu_steps4800``),
 so that a longer or shorter run is recorded beside the preset's record instead of over it; likewise ``--train-seed``
-other than the preset's ends it in ``_seed<S>``. The error bars of one record count the sampling only; a second
+other than the preset's ends it in ``_seed<S>``, and each ``--set KEY=VALUE`` (a field of the preset, ``model.KEY``
+for a field of its network; the value is read as JSON, else as a string) adds ``_set_<KEY>-<VALUE>``: an ablation,
+one change from the preset at its full length, recorded beside it (``mnist_cpu_set_ema_decay-0.9995``). The error bars of one record count the sampling only; a second
 training seed shows how much one training run differs from the next.
 """
 
@@ -71,12 +73,45 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def parse_overrides(items: list[str], base) -> tuple[dict, dict, str]:
+    """``["KEY=VALUE", ...]`` -> (fields for ``get_preset``, ``{KEY: value}`` as asked, the record-name suffix
+    ``_set_KEY-VALUE...``).
+
+    ``model.KEY`` changes one field of the network's configuration. Values are JSON (``0.9995``, ``null``,
+    ``[14, 7]``), else strings (``cosine``). A malformed item or an unknown field is a one-line error.
+    """
+    fields, asked, suffix = {}, {}, ""
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, for example --set ema_decay=0.9995")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        if key.startswith("model."):
+            sub = key.split(".", 1)[1]
+            if sub not in base.model:
+                raise SystemExit(f"--set {item!r}: the network has no field {sub!r}; valid: {', '.join(base.model)}")
+            fields["model"] = {**fields.get("model", base.model), sub: value}
+        elif not hasattr(base, key) or key in ("name", "model"):
+            raise SystemExit(f"--set {item!r}: {key!r} is not a field of the preset's TrainConfig")
+        else:
+            fields[key] = value
+        asked[key] = value
+        shown = "".join(c for c in json.dumps(value) if c not in ' "[]').replace("null", "none")
+        suffix += f"_set_{key.removeprefix('model.')}-{shown}"
+    return fields, asked, suffix
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(TARGETS), default="mnist-cpu", help="preset (default mnist-cpu)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     parser.add_argument("--train-seed", type=int, default=None,
                         help="seed of the training run (default: the preset's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one field of the preset (repeatable), for example ema_decay=0.9995")
     parser.add_argument("--n", type=int, default=1000, help="samples to draw (default 1000)")
     parser.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--batch-size", type=int, default=250, help="samples per sampler call")
@@ -86,8 +121,14 @@ def main() -> None:
 
     start = time.perf_counter()
     preset = get_preset(args.preset)
-    seed = {} if args.train_seed is None else {"seed": args.train_seed}
-    trained = load_or_train(get_preset(args.preset, **seed), steps=args.steps, progress=None)
+    changes, asked, set_suffix = parse_overrides(args.overrides, preset)
+    if args.train_seed is not None:
+        changes["seed"] = args.train_seed
+    try:
+        config = get_preset(args.preset, **changes)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--set: {exc}") from None
+    trained = load_or_train(config, steps=args.steps, progress=None)
     fresh = time.perf_counter() - start > 0.5 * trained.info["wall_time_s"]
     info, config = trained.info, trained.config
     target = TARGETS[args.preset]
@@ -96,6 +137,7 @@ def main() -> None:
         name += f"_steps{config.steps}"
     if config.seed != preset.seed:
         name += f"_seed{config.seed}"
+    name += set_suffix
     train_images_per_s = info["steps"] * config.batch_size / info["wall_time_s"]
     first_stage_s = info.get("autoencoder_seconds", 0.0)
 
@@ -153,6 +195,7 @@ def main() -> None:
         "parameters": info["parameters"],
         "steps": info["steps"],
         "training_seed": config.seed,
+        "changes": asked,
         "batch_size": config.batch_size,
         "training_wall_time_s": round(info["wall_time_s"], 1),
         "first_stage_wall_time_s": round(first_stage_s, 1),

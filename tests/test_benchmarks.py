@@ -136,3 +136,29 @@ def test_peer_step_budget_comes_from_the_lower_quartile_of_step_times(peers, mon
     monkeypatch.setattr(peers.time, "perf_counter", lambda: next(clock))
     steps, per_step = peers.steps_for_budget(lambda: calls.append(next(times)), 100.0)
     assert len(calls) == 18 and per_step == 5.0 and steps == 20  # sorted times [1..16], index 16 // 4 = 4
+
+
+def test_an_ablation_changes_the_named_fields_and_names_its_record():
+    bench = load_script("train_mnist_cpu")
+    base = get_preset("mnist-cpu")
+    fields, asked, suffix = bench.parse_overrides(
+        ["ema_warmup=false", "snr_gamma=null", "schedule=cosine", "model.attention_resolutions=[14, 7]"], base)
+    assert fields["ema_warmup"] is False and fields["snr_gamma"] is None and fields["schedule"] == "cosine"
+    assert fields["model"] == {**base.model, "attention_resolutions": [14, 7]}
+    assert asked["model.attention_resolutions"] == [14, 7]
+    assert suffix == "_set_ema_warmup-false_set_snr_gamma-none_set_schedule-cosine_set_attention_resolutions-14,7"
+    config = get_preset("mnist-cpu", **fields)
+    assert config.schedule == "cosine" and config.model["attention_resolutions"] == [14, 7]
+    assert config.model["channel_mult"] == base.model["channel_mult"]  # the other network fields stay
+
+
+@pytest.mark.parametrize("item, words", [
+    ("ema_decay", "expected KEY=VALUE"),
+    ("wobble=1", "not a field"),
+    ("name=other", "not a field"),
+    ("model.wobble=1", "no field 'wobble'"),
+])
+def test_a_malformed_ablation_is_refused_in_one_line(item, words):
+    bench = load_script("train_mnist_cpu")
+    with pytest.raises(SystemExit, match=words):
+        bench.parse_overrides([item], get_preset("mnist-cpu"))
