@@ -30,8 +30,9 @@ With ``--steps`` other than the preset's, ``<name>`` ends in ``_steps<N>`` (for 
 so that a longer or shorter run is recorded beside the preset's record instead of over it; likewise ``--train-seed``
 other than the preset's ends it in ``_seed<S>``, and each ``--set KEY=VALUE`` (a field of the preset, ``model.KEY``
 for a field of its network; the value is read as JSON, else as a string) adds ``_set_<KEY>-<VALUE>``: an ablation,
-one change from the preset at its full length, recorded beside it (``mnist_cpu_set_ema_decay-0.9995``). The error bars of one record count the sampling only; a second
-training seed shows how much one training run differs from the next.
+one change from the preset at its full length, recorded beside it (``mnist_cpu_set_ema_warmup-false``). The error
+bars of one record count the sampling only; a second training seed shows how much one training run differs from the
+next.
 """
 
 from __future__ import annotations
