@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ddpm.dit import DiT, DiTConfig, expected_parameters, patchify, sincos_position_embedding, unpatchify
+from ddpm.dit import (DiT, DiTConfig, TokenMLP, expected_parameters, patchify, sincos_position_embedding,
+                      unpatchify)
 from ddpm.guidance import ClassifierFreeGuidance
 from ddpm.samplers import sample
 from ddpm.schedule import NoiseSchedule
@@ -34,7 +35,8 @@ def test_shapes_and_zero_output_at_initialisation(learn_sigma):
 
 
 @pytest.mark.parametrize("config", [TINY, dict(TINY, num_classes=None, learn_sigma=True, patch_size=4, depth=3),
-                                    dict(TINY, image_size=28, in_channels=1, patch_size=7, hidden=48, mlp_ratio=2)])
+                                    dict(TINY, image_size=28, in_channels=1, patch_size=7, hidden=48, mlp_ratio=2),
+                                    dict(TINY, conv_mlp=True, depth=3, mlp_ratio=2)])
 def test_parameter_count_matches_its_formula(config):
     cfg = DiTConfig(**config)
     assert sum(p.numel() for p in DiT(cfg).parameters()) == expected_parameters(cfg)
@@ -49,14 +51,31 @@ def test_patchify_and_unpatchify_are_inverse_and_patches_are_local():
     assert torch.equal(tokens[0, 4].reshape(2, 2, 3).permute(2, 0, 1), x[0, :, 2:4, 2:4])
 
 
+@pytest.mark.parametrize("grid", [None, 4])
+def test_the_token_mlp_mixes_a_patch_with_its_eight_neighbours_only_with_the_convolution(grid):
+    mlp = _randomise(TokenMLP(8, 2, grid))
+    h = torch.randn(1, 16, 8)
+    moved = h.clone()
+    moved[0, 6] += 1.0  # the token in row 1, column 2 of the 4x4 grid
+    with torch.no_grad():
+        changed = (mlp(moved) - mlp(h)).abs().sum(-1).reshape(4, 4) > 1e-6
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    if grid:
+        expected[0:3, 1:4] = True
+    else:
+        expected[1, 2] = True
+    assert torch.equal(changed, expected)
+
+
 def test_position_embedding_distinguishes_every_patch():
     pos = sincos_position_embedding(32, 4)
     assert pos.shape == (16, 32)
     assert torch.cdist(pos, pos).add(torch.eye(16) * 10).min() > 0.1
 
 
-def test_each_example_is_independent_of_the_rest_of_the_batch():
-    model = _randomise(DiT(DiTConfig(**TINY))).eval()
+@pytest.mark.parametrize("conv_mlp", [False, True])
+def test_each_example_is_independent_of_the_rest_of_the_batch(conv_mlp):
+    model = _randomise(DiT(DiTConfig(**TINY, conv_mlp=conv_mlp))).eval()
     x, t, y = torch.randn(5, 4, 8, 8), torch.tensor([3, 500, 10, 999, 0]), torch.tensor([0, 10, 3, 3, 7])
     perm = torch.tensor([3, 0, 4, 1, 2])
     with torch.no_grad():

@@ -36,6 +36,8 @@ class DiTConfig(DictConfig):
     num_heads: attention heads. mlp_ratio: width of each block's MLP as a multiple of ``hidden``.
     num_classes: classes of a conditional model, or None (label ``num_classes`` is the null label).
     learn_sigma: output ``2 * in_channels`` channels (eps and the variance interpolation v).
+    conv_mlp: put a depthwise 3x3 convolution over the token grid between the two layers of each block's MLP,
+    so that every block mixes neighbouring patches (the ConvFFN of PVT v2, Wang et al. 2022).
     """
 
     image_size: int = 8
@@ -47,6 +49,7 @@ class DiTConfig(DictConfig):
     mlp_ratio: int = 4
     num_classes: int | None = None
     learn_sigma: bool = False
+    conv_mlp: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -67,8 +70,9 @@ class DiTConfig(DictConfig):
                              "(the 2-D position embedding)")
         if self.num_classes is not None:
             _require_int("num_classes", self.num_classes, 1)
-        if not isinstance(self.learn_sigma, bool):
-            raise ValueError(f"learn_sigma must be True or False, got {self.learn_sigma!r}")
+        for name in ("learn_sigma", "conv_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -104,18 +108,39 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-class DiTBlock(nn.Module):
-    """A transformer block with adaLN-Zero conditioning. [N, L, D], [N, D] -> [N, L, D]."""
+class TokenMLP(nn.Sequential):
+    """The MLP of a block, D -> ratio * D -> D, with GELU. With ``grid`` (the side of the token grid) a depthwise
+    3x3 convolution over the grid of hidden features comes before the GELU, mixing each patch with its eight
+    neighbours. [N, L, D] -> [N, L, D]. Its layers are numbered as a plain ``nn.Sequential`` MLP's, so that the
+    weights of a DiT without the convolution keep their names."""
 
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: int) -> None:
+    def __init__(self, hidden: int, mlp_ratio: int, grid: int | None = None) -> None:
+        width = mlp_ratio * hidden
+        super().__init__(nn.Linear(hidden, width), nn.GELU(approximate="tanh"), nn.Linear(width, hidden))
+        self.grid = grid
+        self.conv = nn.Conv2d(width, width, 3, padding=1, groups=width) if grid else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self[0](h)
+        if self.conv is not None:
+            n, length, width = h.shape
+            image = h.transpose(1, 2).reshape(n, width, self.grid, self.grid)
+            h = self.conv(image).reshape(n, width, length).transpose(1, 2)
+        return self[2](self[1](h))
+
+
+class DiTBlock(nn.Module):
+    """A transformer block with adaLN-Zero conditioning. [N, L, D], [N, D] -> [N, L, D]. ``grid``: see
+    :class:`TokenMLP`."""
+
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: int, grid: int | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_ratio * hidden), nn.GELU(approximate="tanh"),
-                                 nn.Linear(mlp_ratio * hidden, hidden))
+        self.mlp = TokenMLP(hidden, mlp_ratio, grid)
         self.modulation = zero_module(nn.Linear(hidden, 6 * hidden))  # adaLN-Zero: the block starts as the identity
 
     def attention(self, h: torch.Tensor) -> torch.Tensor:
@@ -145,7 +170,9 @@ class DiT(nn.Module):
         self.patch_embed = nn.Linear(p * p * config.in_channels, d)
         grid = config.image_size // p
         self.register_buffer("pos_embed", sincos_position_embedding(d, grid), persistent=False)
-        self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        conv_grid = grid if config.conv_mlp else None
+        self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio, conv_grid)
+                                    for _ in range(config.depth))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_modulation = zero_module(nn.Linear(d, 2 * d))
         self.out = zero_module(nn.Linear(d, p * p * config.out_channels))
@@ -170,8 +197,10 @@ def expected_parameters(config: DiTConfig) -> int:
     time = 2 * (d * d + d)
     labels = 0 if config.num_classes is None else (config.num_classes + 1) * d
     patch = p * p * c * d + d
-    block = (3 * d * d + 3 * d) + (d * d + d) + 2 * (config.mlp_ratio * d * d) + config.mlp_ratio * d + d \
-        + (6 * d * d + 6 * d)
+    width = config.mlp_ratio * d
+    block = (3 * d * d + 3 * d) + (d * d + d) + 2 * (width * d) + width + d + (6 * d * d + 6 * d)
+    if config.conv_mlp:
+        block += width * 9 + width  # a 3x3 kernel and a bias per hidden feature of the MLP
     final = (2 * d * d + 2 * d) + (d * p * p * config.out_channels + p * p * config.out_channels)
     return time + labels + patch + config.depth * block + final
 
