@@ -12,8 +12,9 @@
 ``cifar10-gpu``    a class-conditional U-Net for CIFAR-10 in the spirit of Improved DDPM's CIFAR-10 model
                    (smaller), random flips, L_hybrid, cosine schedule
 ``mnist-latent``   the book's small latent diffusion model: a KL-regularised autoencoder (28x28 digits to 4x7x7
-                   latents, about two minutes) and a class-conditional diffusion transformer (DiT) on its latents
-                   with label dropout 0.5 and the cosine schedule; together about 5.5 minutes on two CPU cores
+                   latents, about a minute) and a class-conditional diffusion transformer (DiT, with a depthwise
+                   convolution in its MLPs) on its latents with label dropout 0.5 and the cosine schedule; together
+                   about as long as ``mnist-cpu``, six to ten minutes on two CPU cores
 ``mnist14``        a small unconditional U-Net on the digits pooled to 14x14 (``mnist5k-14``), cosine schedule,
                    L_hybrid: the base recipe that the Improved DDPM notebook varies (schedule, objective) at a
                    scale where each variant trains in under a minute on a CPU (about 180k parameters)
@@ -188,27 +189,29 @@ def _cifar10_gpu() -> TrainConfig:
 def _mnist_latent() -> TrainConfig:
     # Rombach et al.'s two stages at the size of two CPU cores. The autoencoder (ddpm.autoencoder's defaults)
     # reconstructs held-out digits at the metric's real-data floor in about a minute. The DiT sees 49 tokens (patch
-    # size 1 on the 7x7 latent); at width 96 and depth 4 (0.72M parameters) a step of 64 latents takes about 0.09 s on
-    # two cores in fp32 (slower in bf16), under half the pixel U-Net's bf16 step. Each block's MLP has the depthwise
-    # 3x3 convolution of PVT v2 (conv_mlp): a transformer must learn locality from data, and 4,000 digits and a few
-    # minutes are too little. Null-label FID, n = 1,000, one run each, the same seed: the plain DiT 80.6 at 2,000 steps
-    # and 57.7 at 4,500 (6.9 min in all), with conv_mlp 62.3 and 44.1 (7.4 min), for 2% more time per step. What the
-    # transformer still lacks is a convolution's prior: a U-Net of 0.61M parameters on the same latents with the same
-    # recipe (one 7x7 level of width 48, two residual blocks, attention) scored 36.1 at 2,000 steps and 24.4 at 4,500
-    # (5.7 min in all). Tried without gain on the plain DiT at 2,000 steps: U-ViT's long skips (98), depth 6 at width
-    # 64 (86), KL weights 1e-2 and 5e-2 (73.5 and 83.0; their reconstructions 12.3 and 14.0 against 11.9); with
-    # conv_mlp, an overlapping 3x3 patch embedding (60.7, and 91% of the guided samples the requested digit against
-    # 98%). Measured earlier at 3,000 steps and n = 1,000 on the plain DiT:
-    # label dropout 0.5 gives null-label samples of FID 73 against 115 with 0.2, and an unconditional DiT of the same
-    # size scores no better (78), so the unconditional branch is limited by the network and its training time, not by
-    # sharing it with the labels. 2,000 steps keep the book's build within its budget. Min-SNR-5 and the decaying
-    # learning rate are the pixel model's recipe, at three times its rate: at 2,000 steps (one run each; n = 1,000) the
-    # null-label FID was 155 at lr 1e-3, 105 at 3e-3 and 94 at 6e-3, while a wider DiT (width 128) at equal time
-    # scored 152. The cosine schedule of Improved DDPM, not the pixel model's linear one: at lr 6e-3 its null-label
-    # FID was 77 against 94 (one run each, n = 1,000) and its guided samples (w = 1) scored 19 against 25, 97.6%
-    # against 98.3% of them the requested digit; the accuracy at w = 0 stayed about the same (74% against 76%), so
-    # the gain is in the samples' quality more than in their class. At lr 1e-2 the cosine schedule scored 76, with
-    # 96.6% of the guided samples the requested digit.
+    # size 1 on the 7x7 latent); at width 96 and depth 4 (0.72M parameters) a step of 64 latents takes about 0.09 s
+    # on two cores in fp32 (slower in bf16), under half the pixel U-Net's bf16 step. Each block's MLP has the
+    # depthwise 3x3 convolution of PVT v2 (conv_mlp): a transformer must learn locality from data, and 4,000 digits
+    # and a few minutes are too little. Null-label FID, n = 1,000, one run each, the same seed: the plain DiT 80.6
+    # at 2,000 steps, 64.0 at 3,500 and 57.7 at 4,500 (6.9 min in all), with conv_mlp 61.7, 47.9 and 44.1 (7.4 min),
+    # for about 10% more time per step (a depthwise convolution reads much for its few multiply-adds). What the
+    # transformer still lacks is a convolution's prior: a U-Net of 0.61M parameters on the same latents with the
+    # same recipe (one 7x7 level of width 48, two residual blocks, attention) scored 36.1 at 2,000 steps, 25.5 at
+    # 3,500 (4.9 min in all) and 24.4 at 4,500 (5.7 min). Tried without gain on the plain DiT at 2,000 steps:
+    # U-ViT's long skips (98), depth 6 at width 64 (86), KL weights 1e-2 and 5e-2 (73.5 and 83.0; their
+    # reconstructions 12.3 and 14.0 against 11.9); with conv_mlp, an overlapping 3x3 patch embedding (60.7, and 91%
+    # of the guided samples the requested digit against 98%). Measured earlier at 3,000 steps and n = 1,000 on the
+    # plain DiT: label dropout 0.5 gives null-label samples of FID 73 against 115 with 0.2, and an unconditional DiT
+    # of the same size scores no better (78), so the unconditional branch is limited by the network and its training
+    # time, not by sharing it with the labels. 3,500 steps give both stages about the pixel model's minutes (about 6
+    # on the AMD EPYC of the records), so that the book compares the two at equal compute. Min-SNR-5 and the
+    # decaying learning rate are the pixel model's recipe, at three times its rate: at 2,000 steps (one run each;
+    # n = 1,000) the null-label FID was 155 at lr 1e-3, 105 at 3e-3 and 94 at 6e-3, while a wider DiT (width 128) at
+    # equal time scored 152. The cosine schedule of Improved DDPM, not the pixel model's linear one: at lr 6e-3 its
+    # null-label FID was 77 against 94 (one run each, n = 1,000) and its guided samples (w = 1) scored 19 against
+    # 25, 97.6% against 98.3% of them the requested digit; the accuracy at w = 0 stayed about the same (74% against
+    # 76%), so the gain is in the samples' quality more than in their class. At lr 1e-2 the cosine schedule scored
+    # 76, with 96.6% of the guided samples the requested digit.
     return TrainConfig(
         name="mnist-latent",
         model_type="dit",
@@ -225,7 +228,7 @@ def _mnist_latent() -> TrainConfig:
         lr=6e-3,
         lr_decay="cosine",
         warmup_steps=100,
-        steps=2000,
+        steps=3500,
         grad_clip=1.0,
         ema_decay=0.999,
         label_dropout=0.5,
