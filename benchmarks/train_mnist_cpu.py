@@ -30,9 +30,10 @@ With ``--steps`` other than the preset's, ``<name>`` ends in ``_steps<N>`` (for 
 so that a longer or shorter run is recorded beside the preset's record instead of over it; likewise ``--train-seed``
 other than the preset's ends it in ``_seed<S>``, and each ``--set KEY=VALUE`` (a field of the preset, ``model.KEY``
 for a field of its network; the value is read as JSON, else as a string) adds ``_set_<KEY>-<VALUE>``: an ablation,
-one change from the preset at its full length, recorded beside it (``mnist_cpu_set_ema_warmup-false``). The error
-bars of one record count the sampling only; a second training seed shows how much one training run differs from the
-next.
+one change from the preset at its full length, recorded beside it (``mnist_cpu_set_ema_warmup-false``);
+``--set model_type=unet`` trains the preset's alternative network instead of its own (for ``mnist-latent``, a U-Net
+on the same latents: ``ddpm.presets.ALTERNATIVE_NETWORKS``). The error bars of one record count the sampling only;
+a second training seed shows how much one training run differs from the next.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from ddpm.guidance import ClassifierFreeGuidance
 from ddpm.metrics import (classifier_outputs, conditional_accuracy, fid_with_error, heldout_floor,
                           load_or_train_mnist_classifier, real_digits)
 from ddpm.plotting import save_png_grid, to_uint8
-from ddpm.presets import get_preset, recipe_summary
+from ddpm.presets import ALTERNATIVE_NETWORKS, get_preset, recipe_summary
 from ddpm.samplers import sample_in_batches
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -78,11 +79,13 @@ def parse_overrides(items: list[str], base) -> tuple[dict, dict, str]:
     """``["KEY=VALUE", ...]`` -> (fields for ``get_preset``, ``{KEY: value}`` as asked, the record-name suffix
     ``_set_KEY-VALUE...``).
 
-    ``model.KEY`` changes one field of the network's configuration. Values are JSON (``0.9995``, ``null``,
+    ``model.KEY`` changes one field of the network's configuration; ``model_type=TYPE`` swaps in the preset's
+    alternative network of that type (``ddpm.presets.ALTERNATIVE_NETWORKS``). Values are JSON (``0.9995``, ``null``,
     ``[14, 7]``), else strings (``cosine``). A malformed item or an unknown field is a one-line error.
     """
     fields, asked, suffix = {}, {}, ""
-    for item in items:
+    # a change of network comes first, so that model.KEY changes the network swapped in
+    for item in sorted(items, key=lambda item: not item.startswith("model_type=")):
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE, for example --set ema_decay=0.9995")
@@ -90,11 +93,18 @@ def parse_overrides(items: list[str], base) -> tuple[dict, dict, str]:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
-        if key.startswith("model."):
+        model = fields.get("model", base.model)
+        if key == "model_type" and value != base.model_type:
+            swaps = ALTERNATIVE_NETWORKS.get(base.name, {})
+            if value not in swaps:
+                raise SystemExit(f"--set {item!r}: {base.name} has no {value!r} network to swap in; valid: "
+                                 f"{', '.join([base.model_type, *swaps])}")
+            fields["model_type"], fields["model"] = value, dict(swaps[value])
+        elif key.startswith("model."):
             sub = key.split(".", 1)[1]
-            if sub not in base.model:
-                raise SystemExit(f"--set {item!r}: the network has no field {sub!r}; valid: {', '.join(base.model)}")
-            fields["model"] = {**fields.get("model", base.model), sub: value}
+            if sub not in model:
+                raise SystemExit(f"--set {item!r}: the network has no field {sub!r}; valid: {', '.join(model)}")
+            fields["model"] = {**model, sub: value}
         elif not hasattr(base, key) or key in ("name", "model"):
             raise SystemExit(f"--set {item!r}: {key!r} is not a field of the preset's TrainConfig")
         else:
