@@ -193,7 +193,7 @@ def _mnist_latent() -> TrainConfig:
     # on two cores in fp32 (slower in bf16), under half the pixel U-Net's bf16 step. Each block's MLP has the
     # depthwise 3x3 convolution of PVT v2 (conv_mlp): a transformer must learn locality from data, and 4,000 digits
     # and a few minutes are too little. Null-label FID, n = 1,000, one run each, the same seed: the plain DiT 80.6
-    # at 2,000 steps, 64.0 at 3,500 and 57.7 at 4,500 (6.9 min in all), with conv_mlp 61.7, 47.9 and 44.1 (7.4 min),
+    # at 2,000 steps, 64.0 at 3,500 and 57.7 at 4,500 (6.9 min in all), with conv_mlp 61.7, 47.9 and 41.3 (7.3 min),
     # for about 10% more time per step (a depthwise convolution reads much for its few multiply-adds). What the
     # transformer still lacks is a convolution's prior: a U-Net of 0.61M parameters on the same latents with the
     # same recipe (one 7x7 level of width 48, two residual blocks, attention) scored 36.1 at 2,000 steps, 25.5 at
