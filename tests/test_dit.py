@@ -22,9 +22,9 @@ def _randomise(model):
     return model
 
 
-@pytest.mark.parametrize("learn_sigma", [False, True])
-def test_shapes_and_zero_output_at_initialisation(learn_sigma):
-    model = DiT(DiTConfig(**TINY, learn_sigma=learn_sigma))
+@pytest.mark.parametrize("learn_sigma, conv_mlp", [(False, False), (True, False), (False, True)])
+def test_shapes_and_zero_output_at_initialisation(learn_sigma, conv_mlp):
+    model = DiT(DiTConfig(**TINY, learn_sigma=learn_sigma, conv_mlp=conv_mlp))
     x = torch.randn(3, 4, 8, 8)
     out = model(x, torch.tensor([0, 10, 999]), torch.tensor([1, 2, 10]))
     assert out.shape == (3, 8 if learn_sigma else 4, 8, 8)
