@@ -43,7 +43,7 @@ def test_verdict_close(diff, std, margin, expected):
 
 
 def test_compare_lower_and_higher_is_better_and_paired():
-    a, b = {"fid": 10.0, "std": 1.0}, {"fid": 20.0, "std": 1.0}
+    a, b = {"fid": 10.0, "std": 1.0, "n": 500}, {"fid": 20.0, "std": 1.0, "n": 500}
     c = book.compare(a, b)
     assert (c.gain, c.verdict, c.paired) == (10.0, "held", False)
     assert c.std == pytest.approx(math.sqrt(2))
@@ -51,9 +51,37 @@ def test_compare_lower_and_higher_is_better_and_paired():
     acc_a, acc_b = {"accuracy": 0.9, "std": 0.01}, {"accuracy": 0.8, "std": 0.01}
     assert book.compare(acc_a, acc_b, key="accuracy", higher_is_better=True).verdict == "held"
     # the same two scores, with a paired error that is wide: the verdict follows the paired error
-    wide = book.compare(a, b, paired={"diff": -10.0, "std": 6.0})
+    wide = book.compare(a, b, paired={"diff": -10.0, "std": 6.0, "n": 500})
     assert (wide.gain, wide.std, wide.verdict, wide.paired) == (10.0, 6.0, "inconclusive", True)
     assert wide.words("x", "y", "z") == "z"
+    assert wide.detectable == pytest.approx(2.8416 * 6.0)
+    # the same wide test against an effect that it could never detect
+    beyond = book.compare(a, b, paired={"diff": -10.0, "std": 6.0, "n": 500}, effect=12.0)
+    assert beyond.verdict == "beyond this budget" and beyond.words("x", "y", "z") == "z"
+    assert beyond.words("x", "y", "z", "w") == "w"
+
+
+def test_fids_at_different_n_are_not_compared():
+    with pytest.raises(ValueError, match="different n"):
+        book.compare({"fid": 10.0, "std": 1.0, "n": 500}, {"fid": 20.0, "std": 1.0, "n": 1000})
+    with pytest.raises(ValueError, match="different n"):
+        book.same_n({"fid": 10.0, "n": 200}, {"fid": 12.0, "n": 1000})
+    assert book.same_n({"fid": 10.0, "n": 200}, {"fid": 12.0, "n": 200}) == 200
+    with pytest.raises(ValueError, match="no n"):
+        book.compare({"fid": 10.0, "std": 1.0}, {"fid": 20.0, "std": 1.0})
+
+
+def test_verdicts_say_when_the_test_could_not_decide():
+    assert book.verdict(1.0, 1.0, effect=10.0) == "inconclusive"  # 2.84 < 10: it could have decided
+    assert book.verdict(1.0, 5.0, effect=10.0) == "beyond this budget"  # 14.2 > 10
+    assert book.verdict(30.0, 5.0, effect=10.0) == "held"  # a large effect decides whatever the budget
+    assert book.verdict_close(1.0, 1.0, margin=5.0) == "held"
+    assert book.verdict_close(4.0, 1.0, margin=5.0) == "inconclusive"
+    assert book.verdict_close(1.0, 3.0, margin=5.0) == "beyond this budget"  # 2 x 3 >= 5: held was impossible
+    assert book.verdict_close(20.0, 3.0, margin=5.0) == "did not hold"
+    folded = book.with_seed_spread({"fid": 30.0, "std": 3.0, "n": 1000}, 4.0, arms=2)
+    assert folded["std"] == pytest.approx(math.sqrt(9 + 2 * 16)) and folded["sampling_std"] == 3.0
+    assert folded["fid"] == 30.0 and folded["n"] == 1000
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -85,8 +85,10 @@ def test_fid_error_bar_shrinks_with_more_samples_and_floor_is_small():
     floor = M.fid_floor(reference, 2000, n_draws=6)
     assert floor["n"] == 2000 and 0 < floor["fid"] < shifted["fid"] / 5
     assert M.fid_floor(reference, 10_000)["n"] == 3000  # capped at half the real set
-    with pytest.raises(ValueError, match="n_draws"):
-        M.fid_with_error(reference, reference, n_draws=1)
+    with pytest.raises(ValueError, match="n_splits"):
+        M.fid_with_error(reference, reference, n_splits=1)
+    with pytest.raises(ValueError, match="same n"):
+        M.heldout_floor(reference[:100], reference, 101)  # a floor at another n than the samples' is refused
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,8 +229,13 @@ def test_the_reported_floor_is_held_out_digits_not_two_draws_of_the_reference():
     expected = M.heldout_floor(held, ref, 60)["fid"]
     assert expected > 3 * two_draws
     assert result["fid_floor"] == pytest.approx(expected, rel=0.3)
-    # heldout_floor is fid_with_error of a random subset of n held-out features
-    assert M.heldout_floor(held, ref, 500)["n"] == len(held)
+    # a floor at more digits than are held out is refused, not silently taken at another n
+    with pytest.raises(ValueError, match="same n"):
+        M.heldout_floor(held, ref, len(held) + 1)
+    # more samples than held-out digits: the FID and its floor are both taken at the held-out count
+    more = M.evaluate_images(_synthetic_digits(150, 3)[0], classifier=model, classifier_info=info, train_data=train,
+                             test_data=dim, n_draws=3, memorisation=False, inception=False)
+    assert more["n_samples"] == 150 and more["fid_n"] == more["fid_floor_n"] == len(held)
 
 
 def test_metric_classifier_is_cached(tmp_path, monkeypatch):

@@ -1,15 +1,20 @@
 """What the book's notebooks share: glued values, one rule for verdicts, tables and sample grids.
 
 The notebooks put measured numbers into their prose through MyST-NB's ``glue``; outside the book (a plain
-Jupyter session) :func:`glue` prints the value instead. Every comparison in the book ends in one of three
-verdicts, decided by one rule (:func:`verdict`):
+Jupyter session) :func:`glue` prints the value instead. Every comparison in the book ends in one of four
+verdicts, decided by one rule (:func:`verdict`, :func:`verdict_close`):
 
 * ``"held"``: the measured difference goes the claimed way by more than twice its error;
 * ``"did not hold"``: it goes the other way by more than twice its error;
-* ``"inconclusive"``: the interval of twice the error either side admits both.
+* ``"inconclusive"``: the interval of twice the error either side admits both, although the test was large enough
+  to detect the smallest effect that matters for the claim (fixed before the run);
+* ``"beyond this budget"``: the interval admits both *and* the test was too small to decide by construction: its
+  detectable difference (:func:`detectable`) exceeds that smallest effect. The row says what a decisive test needs.
 
 Two arms that share their noise (the same ``x_T``, the same weights, the same digits) are compared with a paired
-error (:func:`ddpm.fid.paired_fid_difference`), which is what lets a few hundred samples decide.
+error (:func:`ddpm.fid.paired_fid_difference`), which is what lets a few hundred samples decide. Two separately
+trained models also differ by the luck of their training run: :func:`with_seed_spread` folds a measured spread over
+training seeds into the error.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ from typing import Iterable, Sequence
 
 from .plotting import CODE_COLUMN, _imshow, image_grid, wrap  # noqa: F401  (CODE_COLUMN and wrap: re-exported)
 
-__all__ = ["CODE_COLUMN", "VERDICTS", "Comparison", "PageClock", "compare", "glue", "model_source", "samples_figure",
-           "saved_activation_bytes", "table", "verdict", "verdict_close", "wrap"]
+__all__ = ["CODE_COLUMN", "POWER_Z", "VERDICTS", "Comparison", "PageClock", "compare", "detectable", "glue",
+           "model_source", "samples_figure", "saved_activation_bytes", "same_n", "table", "verdict", "verdict_close",
+           "with_seed_spread", "wrap"]
 
-VERDICTS = ("held", "did not hold", "inconclusive")
+VERDICTS = ("held", "did not hold", "inconclusive", "beyond this budget")
+#: A difference of (k + POWER_Z) errors is detected by the 2-error rule four times in five (80% power).
+POWER_Z = 0.8416
 
 def glue(name: str, value, display: bool = False) -> None:
     """MyST-NB's ``glue`` (hidden by default: the value appears where the text references it); print outside the
@@ -71,50 +79,96 @@ def model_source(trained) -> str:
     return f"trained in this run ({seconds / 60:.1f} minutes), because this page was the first to need it"
 
 
-def verdict(gain: float, std: float, k: float = 2.0) -> str:
-    """The verdict on a claim whose measured effect is ``gain`` (positive: the claimed direction) +- ``std``."""
+def detectable(std: float, k: float = 2.0) -> float:
+    """The smallest true difference that the rule "beyond k errors" detects four times in five: (k + 0.84) std."""
+    if not (math.isfinite(std) and std >= 0):
+        raise ValueError(f"detectable needs a finite, non-negative error, got {std!r}")
+    return (k + POWER_Z) * std
+
+
+def _check(gain: float, std: float) -> None:
     if not (math.isfinite(gain) and math.isfinite(std)) or std < 0:
-        raise ValueError(f"verdict needs a finite gain and a non-negative error, got {gain!r} +- {std!r}")
+        raise ValueError(f"a verdict needs a finite gain and a non-negative error, got {gain!r} +- {std!r}")
+
+
+def verdict(gain: float, std: float, k: float = 2.0, effect: float | None = None) -> str:
+    """The verdict on a claim whose measured effect is ``gain`` (positive: the claimed direction) +- ``std``.
+
+    ``effect``: the smallest effect that matters for the claim, fixed before the run (e.g. 10% of the baseline's
+    FID). An inconclusive result whose :func:`detectable` difference exceeds it is ``"beyond this budget"``: the test
+    could not have decided."""
+    _check(gain, std)
     if gain - k * std > 0:
         return "held"
     if gain + k * std < 0:
         return "did not hold"
+    if effect is not None and detectable(std, k) > effect:
+        return "beyond this budget"
     return "inconclusive"
 
 
 def verdict_close(difference: float, std: float, margin: float, k: float = 2.0) -> str:
     """The verdict on "the two agree within ``margin``": held when the whole interval ``difference +- k std`` lies
-    inside ``[-margin, margin]``, did not hold when it lies wholly outside, inconclusive otherwise."""
+    inside ``[-margin, margin]``, did not hold when it lies wholly outside, inconclusive otherwise, and ``"beyond
+    this budget"`` when it is inconclusive and ``k std`` reaches the margin, so that no outcome could have held."""
     if margin <= 0:
         raise ValueError(f"margin must be positive, got {margin!r}")
+    _check(difference, std)
     low, high = abs(difference) - k * std, abs(difference) + k * std
     if high <= margin:
         return "held"
     if low > margin:
         return "did not hold"
-    return "inconclusive"
+    return "beyond this budget" if k * std >= margin else "inconclusive"
+
+
+def with_seed_spread(score: dict, seed_std: float, *, arms: int = 1) -> dict:
+    """``score`` (``{"fid" or "diff": value, "std": sampling error, ...}``) with the spread between training runs
+    folded into its error: ``std -> sqrt(std^2 + arms * seed_std^2)``, ``arms = 2`` for the difference of two
+    separately trained models. Records ``"sampling_std"`` and ``"seed_std"`` beside it."""
+    if not (math.isfinite(seed_std) and seed_std >= 0):
+        raise ValueError(f"seed_std must be a finite, non-negative spread, got {seed_std!r}")
+    return {**score, "std": math.sqrt(score["std"] ** 2 + arms * seed_std ** 2), "sampling_std": score["std"],
+            "seed_std": seed_std}
+
+
+def same_n(*scores: dict) -> int:
+    """The common number of samples ``n`` of FID scores (a model's and its floor's): FIDs at different n differ by
+    their small-sample bias, so comparing them is refused with a one-line error."""
+    ns = {int(s["n"]) for s in scores if "n" in s}
+    if len(ns) > 1:
+        raise ValueError(f"FIDs at different n ({', '.join(map(str, sorted(ns)))}) cannot be compared: score every "
+                         "arm and its floor at the same n (subsample the larger set)")
+    if not ns:
+        raise ValueError("the scores carry no n: use ddpm.fid's scores, which record it")
+    return ns.pop()
 
 
 @dataclass(frozen=True)
 class Comparison:
     """Candidate against baseline: ``gain`` (how much better the candidate is), its ``std``, the ``verdict`` on
-    "the candidate is better", and whether the error is ``paired``."""
+    "the candidate is better", whether the error is ``paired``, and the ``detectable`` difference of the test."""
 
     gain: float
     std: float
     verdict: str
     paired: bool
+    detectable: float = float("nan")
 
-    def words(self, held: str, did_not_hold: str, inconclusive: str) -> str:
-        """The phrase of the text that belongs to this verdict."""
-        return {"held": held, "did not hold": did_not_hold, "inconclusive": inconclusive}[self.verdict]
+    def words(self, held: str, did_not_hold: str, inconclusive: str, beyond: str | None = None) -> str:
+        """The phrase of the text that belongs to this verdict (``beyond`` defaults to the inconclusive one)."""
+        return {"held": held, "did not hold": did_not_hold, "inconclusive": inconclusive,
+                "beyond this budget": inconclusive if beyond is None else beyond}[self.verdict]
 
 
 def compare(candidate: dict, baseline: dict, *, paired: dict | None = None, higher_is_better: bool = False,
-            key: str = "fid") -> Comparison:
-    """Is ``candidate`` better than ``baseline``? Both are scores ``{key: value, "std": error}`` (an FID by
-    default, lower is better). With ``paired`` (:func:`ddpm.fid.paired_fid_difference` of candidate against
-    baseline) its ``diff`` and ``std`` replace the difference of the two and their independent combined error."""
+            key: str = "fid", effect: float | None = None) -> Comparison:
+    """Is ``candidate`` better than ``baseline``? Both are scores ``{key: value, "std": error, "n": samples}`` (an
+    FID by default, lower is better); FIDs at different n are refused (:func:`same_n`). With ``paired``
+    (:func:`ddpm.fid.paired_fid_difference` of candidate against baseline) its ``diff`` and ``std`` replace the
+    difference of the two and their independent combined error. ``effect``: see :func:`verdict`."""
+    if key == "fid":
+        same_n(candidate, baseline, *([paired] if paired is not None else []))
     if paired is not None:
         gain, std = -paired["diff"], paired["std"]
     else:
@@ -122,7 +176,7 @@ def compare(candidate: dict, baseline: dict, *, paired: dict | None = None, high
         std = math.hypot(candidate["std"], baseline["std"])
     if higher_is_better:
         gain = -gain
-    return Comparison(gain, std, verdict(gain, std), paired is not None)
+    return Comparison(gain, std, verdict(gain, std, effect=effect), paired is not None, detectable(std))
 
 
 def saved_activation_bytes(fn, exclude: Iterable = ()) -> int:

@@ -15,7 +15,7 @@ import torch
 from .samplefiles import as_model_images
 
 __all__ = ["fid_floor", "fid_from_features", "fid_with_error", "frechet_distance", "gaussian_stats", "heldout_floor",
-           "inception_fid", "paired_fid_difference", "precision_recall", "sliced_wasserstein"]
+           "inception_fid", "paired_fid_difference", "precision_recall", "sliced_wasserstein", "split_half_std"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -66,62 +66,106 @@ def fid_from_features(features_a, features_b) -> float:
     return frechet_distance(*gaussian_stats(features_a), *gaussian_stats(features_b))
 
 
-def fid_with_error(features, reference, *, n_draws: int = 10, generator: torch.Generator | None = None) -> dict:
-    """FID of ``features`` ``[N, D]`` against ``N`` real ``reference`` features, with a repeated-draw error bar.
+class _ReferenceDraws:
+    """``n_draws`` subsets of ``m`` reference features, fitted once; scores a sample set against each of them.
 
-    Each of ``n_draws`` draws takes a fresh reference subset of ``m = min(N, len(reference))`` features without
-    replacement. ``fid`` is the mean over draws of FID(all N samples, subset): both sides hold N distinct items,
-    as in :func:`fid_floor`, so the two are comparable at the same N. ``std`` is the standard deviation over the
-    draws of FID(bootstrap resample of the N samples, subset), which covers both the finite sample set and the
-    choice of real images. Returns ``{"fid", "std", "fid_point" (all samples against the whole reference),
-    "n": N, "n_reference": m}``.
+    Holding the subsets fixed is what "the reference held fixed" means for every estimate below: the samples vary,
+    the real digits they are scored against do not.
+    """
+
+    def __init__(self, reference: torch.Tensor, m: int, n_draws: int, generator: torch.Generator) -> None:
+        self.stats = [gaussian_stats(reference[torch.randperm(len(reference), generator=generator)[:m]])
+                      for _ in range(n_draws)]
+
+    def mean_fid(self, features: torch.Tensor) -> float:
+        """The mean over the reference subsets of FID(features, subset), with the samples' square root taken once."""
+        mu, sigma = gaussian_stats(features)
+        root = _sqrtm_psd(sigma)
+        total = 0.0
+        for mu_r, sigma_r in self.stats:
+            m = root @ sigma_r @ root
+            tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
+            diff = mu - mu_r
+            total += float((diff @ diff + torch.trace(sigma) + torch.trace(sigma_r) - 2 * tr_covmean).clamp_min(0))
+        return total / len(self.stats)
+
+
+def split_half_std(statistic, n: int, *, n_splits: int = 50, generator: torch.Generator | None = None) -> float:
+    """The standard deviation of ``statistic(range(n))`` over independent sample sets, from random half splits.
+
+    ``statistic(idx)`` evaluates the statistic on the samples ``idx`` (a LongTensor of indices). Each of
+    ``n_splits`` random splits cuts the ``n`` samples into halves A and B of ``n // 2``; the variance of the
+    full-sample statistic is estimated by ``-Cov(theta_A, theta_B)`` over the splits (Eq. evaluation-split-variance
+    of the book). For the linear part of a statistic's noise the two halves are exactly anti-correlated across
+    splits, and their covariance is minus the variance of the full-sample statistic; for a pairwise (degree-2) part,
+    such as the squared distance of a sample mean from a fixed point, it is again minus that variance, where a
+    bootstrap or a half-sample spread counts it two or three times. A negative variance estimate (possible by
+    chance when the statistic barely moves) is reported as 0.
+    """
+    if n_splits < 2:
+        raise ValueError(f"n_splits: need at least 2 splits for an error bar, got {n_splits}")
+    if n < 4:
+        raise ValueError(f"need at least 4 samples to split in halves, got {n}")
+    gen = generator or torch.Generator().manual_seed(0)
+    half = n // 2
+    a, b = [], []
+    for _ in range(n_splits):
+        perm = torch.randperm(n, generator=gen)
+        a.append(statistic(perm[:half]))
+        b.append(statistic(perm[half: 2 * half]))
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    cov = float(((ta - ta.mean()) * (tb - tb.mean())).sum() / (n_splits - 1))
+    return max(-cov, 0.0) ** 0.5
+
+
+def fid_with_error(features, reference, *, n_draws: int = 10, n_splits: int = 50,
+                   generator: torch.Generator | None = None) -> dict:
+    """FID of ``features`` ``[N, D]`` against ``N`` real ``reference`` features, with its sample-noise error bar.
+
+    ``n_draws`` reference subsets of ``m = min(N, len(reference))`` features are drawn without replacement and held
+    fixed; ``fid`` is the mean over them of FID(all N samples, subset): both sides hold N distinct items, as in
+    :func:`fid_floor`, so the two are comparable at the same N. ``std`` is the spread that ``fid`` would show over
+    independent sets of N samples from the same model, scored against the same reference, estimated from
+    ``n_splits`` random half splits of the samples (:func:`split_half_std`). Measured on Gaussian features (64
+    dimensions, N = 1,000, 4,000 reference features), it is within about 10% of the true spread both near the floor
+    and far from it, where a bootstrap with replacement against fresh reference subsets overstated it about twofold
+    near the floor. Returns ``{"fid", "std", "fid_point" (all samples against the whole reference), "n": N,
+    "n_reference": m}``.
     """
     f, r = torch.as_tensor(features).double(), torch.as_tensor(reference).double()
-    if n_draws < 2:
-        raise ValueError(f"n_draws: need at least 2 draws for an error bar, got {n_draws}")
+    if n_draws < 1:
+        raise ValueError(f"n_draws: need at least one reference draw, got {n_draws}")
     gen = generator or torch.Generator().manual_seed(0)
     n, m = len(f), min(len(f), len(r))
-    stats_f = gaussian_stats(f)
-    values, boot = [], []
-    for _ in range(n_draws):
-        stats_r = gaussian_stats(r[torch.randperm(len(r), generator=gen)[:m]])
-        values.append(frechet_distance(*stats_f, *stats_r))
-        boot.append(frechet_distance(*gaussian_stats(f[torch.randint(0, n, (n,), generator=gen)]), *stats_r))
-    v, bv = torch.tensor(values, dtype=torch.float64), torch.tensor(boot, dtype=torch.float64)
-    return {"fid": float(v.mean()), "std": float(bv.std()), "fid_point": frechet_distance(*stats_f, *gaussian_stats(r)), "n": n,
-            "n_reference": m}
+    refs = _ReferenceDraws(r, m, n_draws, gen)
+    std = split_half_std(lambda idx: refs.mean_fid(f[idx]), n, n_splits=n_splits, generator=gen)
+    return {"fid": refs.mean_fid(f), "std": std, "fid_point": fid_from_features(f, r), "n": n, "n_reference": m}
 
 
-def paired_fid_difference(features_a, features_b, reference, *, n_draws: int = 20,
+def paired_fid_difference(features_a, features_b, reference, *, n_draws: int = 10, n_splits: int = 50,
                           generator: torch.Generator | None = None) -> dict:
     """FID(a) - FID(b) for two sample sets that share their noise, with the error bar of the difference.
 
     Sample ``i`` of ``a`` and sample ``i`` of ``b`` must come from the same starting noise (two samplers, or two
-    sets of weights, run from one ``x_T``). Both arms are then scored against the same reference subset in every
-    draw, and resampled with the same bootstrap indices, so what the two arms share (the noise, the reference
-    digits) cancels in the difference instead of adding to its error as it would for two independent error bars.
-    ``diff`` is the mean over draws of FID(a, subset) - FID(b, subset); ``std`` the standard deviation over draws
-    of the bootstrap differences. Returns ``{"diff", "std", "fid_a", "fid_b", "n", "n_reference"}``.
+    sets of weights, run from one ``x_T``). Both arms are scored against the same fixed reference subsets, and every
+    half split takes the same indices from both arms, so what the two arms share (the noise, the reference digits)
+    cancels in the difference instead of adding to its error as it would for two independent error bars.
+    ``diff`` is the mean over the reference subsets of FID(a, subset) - FID(b, subset); ``std`` its spread over
+    independent sets of starting noise (:func:`split_half_std` of the difference). Returns ``{"diff", "std",
+    "fid_a", "fid_b", "n", "n_reference"}``.
     """
     a, b, r = (torch.as_tensor(x).double() for x in (features_a, features_b, reference))
     if a.shape != b.shape:
         raise ValueError(f"paired arms must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if n_draws < 2:
-        raise ValueError(f"n_draws: need at least 2 draws for an error bar, got {n_draws}")
+    if n_draws < 1:
+        raise ValueError(f"n_draws: need at least one reference draw, got {n_draws}")
     gen = generator or torch.Generator().manual_seed(0)
     n, m = len(a), min(len(a), len(r))
-    stats_a, stats_b = gaussian_stats(a), gaussian_stats(b)
-    fa, fb, boot = [], [], []
-    for _ in range(n_draws):
-        stats_r = gaussian_stats(r[torch.randperm(len(r), generator=gen)[:m]])
-        fa.append(frechet_distance(*stats_a, *stats_r))
-        fb.append(frechet_distance(*stats_b, *stats_r))
-        idx = torch.randint(0, n, (n,), generator=gen)
-        boot.append(frechet_distance(*gaussian_stats(a[idx]), *stats_r)
-                    - frechet_distance(*gaussian_stats(b[idx]), *stats_r))
-    fa_t, fb_t = torch.tensor(fa, dtype=torch.float64), torch.tensor(fb, dtype=torch.float64)
-    return {"diff": float((fa_t - fb_t).mean()), "std": float(torch.tensor(boot, dtype=torch.float64).std()),
-            "fid_a": float(fa_t.mean()), "fid_b": float(fb_t.mean()), "n": n, "n_reference": m}
+    refs = _ReferenceDraws(r, m, n_draws, gen)
+    std = split_half_std(lambda idx: refs.mean_fid(a[idx]) - refs.mean_fid(b[idx]), n, n_splits=n_splits,
+                         generator=gen)
+    fid_a, fid_b = refs.mean_fid(a), refs.mean_fid(b)
+    return {"diff": fid_a - fid_b, "std": std, "fid_a": fid_a, "fid_b": fid_b, "n": n, "n_reference": m}
 
 
 def fid_floor(reference, n: int, *, n_draws: int = 10, generator: torch.Generator | None = None) -> dict:
@@ -142,18 +186,27 @@ def fid_floor(reference, n: int, *, n_draws: int = 10, generator: torch.Generato
     return {"fid": float(v.mean()), "std": float(v.std()), "n": n}
 
 
-def heldout_floor(heldout, reference, n: int, *, n_draws: int = 10, generator: torch.Generator | None = None) -> dict:
+def heldout_floor(heldout, reference, n: int, *, n_draws: int = 10, n_splits: int = 50,
+                  generator: torch.Generator | None = None) -> dict:
     """The real-data floor of :func:`fid_with_error`: ``n`` held-out real features scored exactly as ``n`` samples are.
 
-    Held-out digits are new to the diffusion model and to the metric classifier alike, as a perfect model's
-    samples would be; two draws of the classifier's own training digits (:func:`fid_floor` on the reference)
-    sit closer together than that and would flatter every model. ``n`` is capped at ``len(heldout)``; the subset
-    is drawn at random. Returns the dict of :func:`fid_with_error`.
+    The ``n`` held-out features are a random subset (drawn with a generator of its own, seed 2); they are scored
+    against the same reference subsets as samples scored with the same ``generator`` (default: seed 0). Held-out
+    digits are new to the diffusion model and to the metric classifier alike, as a perfect model's samples would
+    be; two draws of the classifier's own training digits (:func:`fid_floor` on the reference) sit closer together
+    than that. The floor is a yardstick, not a bound: a model that reproduces its training digits (the reference)
+    closely, or whose labels match the reference's class mix better than a random draw of ``n`` digits does, can
+    score below it. ``n`` larger than ``len(heldout)`` is refused: a floor must be taken at the n of the FID it is
+    compared with, so score the samples at a smaller n instead. Returns the dict of :func:`fid_with_error`.
     """
     h = torch.as_tensor(heldout).double()
-    n = min(int(n), len(h))
-    gen = generator or torch.Generator().manual_seed(2)
-    return fid_with_error(h[torch.randperm(len(h), generator=gen)[:n]], reference, n_draws=n_draws, generator=gen)
+    n = int(n)
+    if not 2 <= n <= len(h):
+        raise ValueError(f"heldout_floor: n = {n} but only {len(h)} held-out features are available; a floor must "
+                         "be taken at the same n as the FID it is compared with, so score the samples at n <= "
+                         f"{len(h)} (subsample them)")
+    subset = h[torch.randperm(len(h), generator=torch.Generator().manual_seed(2))[:n]]
+    return fid_with_error(subset, reference, n_draws=n_draws, n_splits=n_splits, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -150,8 +150,9 @@ def evaluate_images(
     Reference data default to the mnist5k training digits (FID reference, nearest neighbours) and the 1,000
     held-out digits (classifier accuracy, real-data reference values); the classifier defaults to
     :func:`load_or_train_mnist_classifier`. Keys: ``n_samples``, ``classifier_test_accuracy``, ``fid``,
-    ``fid_std``, ``fid_n``, ``fid_floor``, ``fid_floor_std``, ``fid_floor_n`` (:func:`heldout_floor`: as many
-    held-out digits as samples, at most all of them, scored like the samples), ``fid_heldout``, ``fid_heldout_std``, ``fid_heldout_n`` (the held-out digits, which neither the
+    ``fid_std``, ``fid_n`` (all samples, or a random subset of as many as there are held-out digits),
+    ``fid_floor``, ``fid_floor_std``, ``fid_floor_n`` (:func:`heldout_floor`: as many held-out digits as the FID
+    scored samples, scored like them), ``fid_heldout``, ``fid_heldout_std``, ``fid_heldout_n`` (the held-out digits, which neither the
     metric classifier nor the generator saw, against training digits), ``confidence``, ``class_entropy``
     (nats), ``class_entropy_max`` (ln K), ``classifier_score``, the same three scores of held-out real digits
     (``real_*``), ``conditional_accuracy`` (None without labels), memorisation quantiles (``nn_*``,
@@ -172,18 +173,21 @@ def evaluate_images(
     out = classifier_outputs(classifier, x)
     ref = classifier_outputs(classifier, x_train)["features"]
     real = classifier_outputs(classifier, x_test)
-    fid = fid_with_error(out["features"], ref, n_draws=n_draws, generator=gen)
-    floor = heldout_floor(real["features"], ref, len(x), n_draws=n_draws, generator=gen)
-    heldout = fid_with_error(real["features"], ref, n_draws=n_draws, generator=gen)
+    # the FID and its floor at one n: all samples, or a random subset as large as the held-out set
+    n_fid = min(len(x), len(x_test))
+    scored = out["features"][torch.randperm(len(x), generator=gen)[:n_fid]] if n_fid < len(x) else out["features"]
+    fid = fid_with_error(scored, ref, n_draws=n_draws, generator=torch.Generator().manual_seed(seed))
+    floor = heldout_floor(real["features"], ref, n_fid, n_draws=n_draws, generator=torch.Generator().manual_seed(seed))
+    heldout = fid_with_error(real["features"], ref, n_draws=n_draws, generator=torch.Generator().manual_seed(seed))
     probs, num_classes = out["probs"], out["probs"].shape[1]
     test_acc = (classifier_info or {}).get("test_accuracy")
     result = {
         "n_samples": len(x),
         "classifier_test_accuracy": (float(test_acc) if test_acc is not None
                                      else conditional_accuracy(real["probs"], y_test)),
-        "fid": fid["fid"], "fid_std": fid["std"], "fid_n": fid["n_reference"],
+        "fid": fid["fid"], "fid_std": fid["std"], "fid_n": fid["n"],
         "fid_floor": floor["fid"], "fid_floor_std": floor["std"], "fid_floor_n": floor["n"],
-        "fid_heldout": heldout["fid"], "fid_heldout_std": heldout["std"], "fid_heldout_n": heldout["n_reference"],
+        "fid_heldout": heldout["fid"], "fid_heldout_std": heldout["std"], "fid_heldout_n": heldout["n"],
         "confidence": mean_confidence(probs),
         "class_entropy": class_histogram_entropy(probs),
         "class_entropy_max": math.log(num_classes),
