@@ -51,8 +51,36 @@ def test_training_reconstructs_a_batch_and_scales_the_latent_to_unit_variance(di
         z = model.encode(digits)
         after = float(torch.nn.functional.mse_loss(model.decode(z), digits))
     assert after < 0.25 * before and after < 0.1, (before, after)
-    assert float(z.std()) == pytest.approx(1.0, rel=1e-3)  # the scale factor of Rombach et al.
     assert len(result["history"]["loss"]) == 150
+    _check_the_scale_factor(model, digits)
+
+
+def _check_the_scale_factor(model, digits):
+    """Rombach et al.'s scale factor, one over the standard deviation of the latent means of the training digits:
+    it gives digits it never saw unit-variance latents too, and the decoder undoes it, so that a round trip is the
+    decoder of the unscaled mean."""
+    held, _ = load_dataset("mnist5k", split="test")
+    with torch.no_grad():
+        mean = model.moments(digits)[0]
+        assert float(model.scale_factor) == pytest.approx(1 / float(mean.std()), rel=1e-5)
+        assert float(model.encode(held[:256]).std()) == pytest.approx(1.0, rel=0.1)
+        assert torch.allclose(model.decode(model.encode(digits)), model.decoder(mean), atol=1e-5)
+
+
+def test_the_scale_factor_brings_a_latent_of_any_scale_to_unit_variance(digits):
+    """An encoder whose latent means are 20 times too wide (its last layer scaled): the factor set at the end of
+    training (one step at a negligible rate) brings the latents of held-out digits back to unit variance."""
+    torch.manual_seed(0)
+    model = Autoencoder(SMALL)
+    last, z = model.encoder[-1], SMALL.latent_channels
+    with torch.no_grad():
+        last.weight[:z] *= 20.0
+        last.bias[:z] *= 20.0
+        held, _ = load_dataset("mnist5k", split="test")
+        raw = float(model.moments(held[:256])[0].std())
+    train_autoencoder(model, digits, steps=1, batch_size=32, lr=1e-12)
+    assert raw > 2.0 and float(model.scale_factor) < 0.5  # the factor has work to do here
+    _check_the_scale_factor(model, digits)
 
 
 def test_cached_autoencoder_loads_with_the_same_weights(tmp_path, monkeypatch):

@@ -1,4 +1,6 @@
-"""The diffusion transformer (``ddpm.dit``): shapes, adaLN-Zero start, parameter count, batch independence."""
+"""The diffusion transformer (``ddpm.dit``): shapes, DiT's initialisation, parameter count, batch independence."""
+
+import math
 
 import pytest
 import torch
@@ -34,12 +36,101 @@ def test_shapes_and_zero_output_at_initialisation(learn_sigma, conv_mlp):
     assert model.out.weight.grad.abs().sum() > 0
 
 
+def architecture(cfg):
+    """The DiT's weights by name and shape, written out from the architecture: the timestep MLP (D -> D -> D), the
+    label table (one row per class and the null label), the patch embedding (p*p*C -> D), per block the attention
+    (D -> 3D, D -> D), the MLP (D -> rD -> D, with a depthwise 3x3 convolution of the rD features for conv_mlp) and
+    the adaLN map (D -> 6D), then the final adaLN map (D -> 2D) and the output layer (D -> p*p*C_out)."""
+    d, p, width = cfg.hidden, cfg.patch_size, cfg.mlp_ratio * cfg.hidden
+    out = p * p * cfg.in_channels * (2 if cfg.learn_sigma else 1)
+
+    def linear(name, n_in, n_out):
+        return {f"{name}.weight": (n_out, n_in), f"{name}.bias": (n_out,)}
+
+    shapes = {**linear("time_embed.0", d, d), **linear("time_embed.2", d, d)}
+    if cfg.num_classes is not None:
+        shapes["label_embed.weight"] = (cfg.num_classes + 1, d)
+    shapes.update(linear("patch_embed", p * p * cfg.in_channels, d))
+    for b in range(cfg.depth):
+        shapes.update({**linear(f"blocks.{b}.qkv", d, 3 * d), **linear(f"blocks.{b}.proj", d, d),
+                       **linear(f"blocks.{b}.mlp.0", d, width), **linear(f"blocks.{b}.mlp.2", width, d)})
+        if cfg.conv_mlp:
+            shapes.update({f"blocks.{b}.mlp.conv.weight": (width, 1, 3, 3), f"blocks.{b}.mlp.conv.bias": (width,)})
+        shapes.update(linear(f"blocks.{b}.modulation", d, 6 * d))
+    shapes.update({**linear("final_modulation", d, 2 * d), **linear("out", d, out)})
+    return shapes
+
+
 @pytest.mark.parametrize("config", [TINY, dict(TINY, num_classes=None, learn_sigma=True, patch_size=4, depth=3),
                                     dict(TINY, image_size=28, in_channels=1, patch_size=7, hidden=48, mlp_ratio=2),
                                     dict(TINY, conv_mlp=True, depth=3, mlp_ratio=2)])
-def test_parameter_count_matches_its_formula(config):
+def test_weights_and_parameter_count_follow_the_architecture(config):
+    """The names and shapes of the saved weights (so that old checkpoints load) and the parameter count, counted
+    from the architecture; ``expected_parameters``, which the book quotes, agrees."""
     cfg = DiTConfig(**config)
-    assert sum(p.numel() for p in DiT(cfg).parameters()) == expected_parameters(cfg)
+    model = DiT(cfg)
+    shapes = architecture(cfg)
+    assert {name: tuple(w.shape) for name, w in model.state_dict().items()} == shapes
+    count = sum(math.prod(shape) for shape in shapes.values())
+    assert sum(p.numel() for p in model.parameters()) == count == expected_parameters(cfg)
+    if config == TINY:  # hidden 32, p 2, C 4, 2 blocks of MLP width 128, 10 classes: the sum done once by hand
+        assert count == 2 * 1056 + 11 * 32 + 544 + 2 * (3168 + 1056 + 4224 + 4128 + 6336) + 2112 + 528 == 43_472
+
+
+def _uniform_moments_ok(w, bound, z=5.0):
+    """Whether the entries of w look like U(-bound, bound): inside the bound, and mean and variance (bound^2 / 3)
+    within z standard errors (Var(w) = a^2/3 and Var(w^2) = a^4/5 - a^4/9 for U(-a, a))."""
+    n, a = w.numel(), bound
+    mean_ok = abs(w.mean().item()) < z * math.sqrt(a * a / 3 / n)
+    var_ok = abs(w.pow(2).mean().item() - a * a / 3) < z * math.sqrt((a ** 4 / 5 - a ** 4 / 9) / n)
+    return w.abs().max().item() <= bound and mean_ok and var_ok
+
+
+@pytest.mark.parametrize("conv_mlp", [False, True])
+def test_initialisation_follows_dit(conv_mlp):
+    """As facebookresearch/DiT's initialize_weights: Xavier-uniform linear layers with zero biases, N(0, 0.02^2) for
+    the label table and the timestep MLP, zero adaLN and output layers; the depthwise convolution (not in DiT) keeps
+    PyTorch's default U(-1/3, 1/3) for a 3x3 kernel of one channel."""
+    cfg = DiTConfig(**dict(TINY, hidden=64, depth=2, conv_mlp=conv_mlp))
+    torch.manual_seed(3)
+    model = DiT(cfg)
+    named = dict(model.named_modules())
+    normal = [model.label_embed.weight, model.time_embed[0].weight, model.time_embed[2].weight]
+    for w in normal:  # the standard deviation of n normal draws has a standard error of about std / sqrt(2n)
+        assert w.std().item() == pytest.approx(0.02, abs=5 * 0.02 / math.sqrt(2 * w.numel()))
+        assert abs(w.mean().item()) < 5 * 0.02 / math.sqrt(w.numel())
+    xavier = ["patch_embed"] + [f"blocks.{b}.{layer}" for b in range(2) for layer in ("qkv", "proj", "mlp.0", "mlp.2")]
+    for name in xavier:
+        w = named[name].weight
+        fan_out, fan_in = w.shape
+        assert _uniform_moments_ok(w, math.sqrt(6 / (fan_in + fan_out))), name
+    zero = ["final_modulation", "out"] + [f"blocks.{b}.modulation" for b in range(2)]
+    for name, module in named.items():
+        if isinstance(module, torch.nn.Linear):
+            assert name in xavier + zero + ["time_embed.0", "time_embed.2"], name  # no linear layer is left out
+            assert torch.equal(module.bias, torch.zeros_like(module.bias)), name
+    for name in zero:
+        assert torch.equal(named[name].weight, torch.zeros_like(named[name].weight)), name
+    if conv_mlp:
+        for b in range(2):
+            conv = named[f"blocks.{b}.mlp.conv"]
+            assert _uniform_moments_ok(conv.weight, 1 / 3) and _uniform_moments_ok(conv.bias, 1 / 3, z=6)
+    out = model(torch.randn(3, 4, 8, 8), torch.tensor([0, 10, 999]), torch.tensor([1, 2, 10]))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_the_label_does_not_drown_the_noise_level():
+    """At the start the class and the timestep add comparable amounts to the conditioning vector: at width 128 the
+    label rows, N(0, 0.02^2), and the time embedding have about the same RMS (with N(0, 1) rows, as nn.Embedding
+    draws them, the class was about eight times the time embedding)."""
+    from ddpm.blocks import timestep_embedding
+
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(**dict(TINY, hidden=128)))
+    with torch.no_grad():
+        time = model.time_embed(timestep_embedding(torch.arange(0, 1000, 10), 128)).pow(2).mean().sqrt().item()
+    label = model.label_embed.weight.pow(2).mean().sqrt().item()
+    assert 0.5 < label / time < 2, (label, time)
 
 
 def test_patchify_and_unpatchify_are_inverse_and_patches_are_local():

@@ -39,7 +39,7 @@ def test_recorder_and_figures():
     rec = TrajectoryRecorder(keep=5, total=20)
     ddim_sample(lambda x, t, y=None: torch.zeros_like(x), sched, (2, 1, 4, 4), steps=20, callback=rec,
                 device="cpu")
-    assert len(rec.frames) == 5 and rec.frames[0][0] == 95 and rec.frames[-1][0] == 0
+    assert len(rec.frames) == 5 and rec.frames[0][0] == 99 and rec.frames[-1][0] == 4  # trailing: 99, 94, ..., 4
     for fig in (trajectory_figure(rec.frames), forward_strip(sched, torch.zeros(2, 1, 4, 4), [0, 50, 99]),
                 schedule_plot({"linear": sched, "cosine": NoiseSchedule.cosine(100)})):
         assert fig.axes

@@ -1,9 +1,11 @@
+import itertools
 import math
+import operator
 
 import pytest
 import torch
 
-from ddpm.schedule import NoiseSchedule, cosine_betas, linear_betas, space_timesteps
+from ddpm.schedule import NoiseSchedule, cosine_betas, linear_betas, space_timesteps, trailing_timesteps
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +29,22 @@ def test_linear_endpoints_and_monotone_alpha_bar(linear):
     assert linear.alpha_bar_prev[0] == 1.0 and torch.equal(linear.alpha_bar_prev[1:], linear.alpha_bar[:-1])
 
 
-def test_cosine_alpha_bar_follows_eq17():
-    T, s = 1000, 0.008
-    sched = NoiseSchedule.cosine(T, s=s)
-    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
-    unclipped = sched.betas < 0.999
-    for t in [0, 1, 10, 250, 500, 900, 990]:
-        assert unclipped[: t + 1].all()
-        assert sched.alpha_bar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-10)
-    assert sched.betas.max().item() <= 0.999
-    assert sched.betas[-1].item() == pytest.approx(0.999)  # the last beta is the clipped one
-    assert (sched.alpha_bar[1:] < sched.alpha_bar[:-1]).all()
+@pytest.mark.parametrize("T, s, max_beta", [(1000, 0.008, 0.999), (50, 0.008, 0.2), (200, 0.02, 0.999)])
+def test_cosine_schedule_is_its_closed_form(T, s, max_beta):
+    """Nichol & Dhariwal (2021), Eq. 17, with this package's 0-based index: step t runs from time t/T to (t + 1)/T, so
+    beta_t = min(1 - f(t + 1) / f(t), max_beta) and alpha_bar_t = prod_{k <= t} (1 - beta_k), which is f(t + 1) / f(0)
+    for as long as no beta has been clipped; f(u) = cos^2((u / T + s) / (1 + s) * pi / 2)."""
+    sched = NoiseSchedule.cosine(T, s=s, max_beta=max_beta)
+    f = [math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2 for u in range(T + 1)]
+    betas = [min(1 - f[t + 1] / f[t], max_beta) for t in range(T)]
+    assert sched.betas.tolist() == pytest.approx(betas, rel=1e-12, abs=1e-15)
+    assert sched.alpha_bar.tolist() == pytest.approx(list(itertools.accumulate((1 - b for b in betas), operator.mul)),
+                                                    rel=1e-12, abs=1e-300)
+    clipped = [t for t in range(T) if 1 - f[t + 1] / f[t] > max_beta]
+    assert clipped and clipped[-1] == T - 1 and sched.betas[-1].item() == max_beta  # f(T) = 0: the last beta is 1
+    for t in range(clipped[0]):
+        assert sched.alpha_bar[t].item() == pytest.approx(f[t + 1] / f[0], rel=1e-12)
+    assert sched.alpha_bar[clipped[0]].item() > f[clipped[0] + 1] / f[0]  # clipping keeps some signal
 
 
 def test_cosine_keeps_more_signal_than_linear_at_mid_t(linear):
@@ -129,7 +136,19 @@ def test_space_timesteps_matches_openai_semantics():
     assert space_timesteps(1000, "1") == [0]
 
 
-@pytest.mark.parametrize("counts", ["ddim50", "ddim25", "10", "50", "100", "5,10,20"])
+def test_trailing_timesteps_end_at_the_last_step():
+    """Lin et al. (2024): T - 1, T - 1 - T/N, ..., T/N - 1, rounded; evenly spread whether or not N divides T."""
+    assert space_timesteps(1000, "trailing10") == trailing_timesteps(1000, 10) == list(range(99, 1000, 100))
+    assert space_timesteps(1000, "trailing1000") == list(range(1000))
+    assert space_timesteps(1000, "trailing1") == [999]
+    for T, n in ((1000, 51), (1000, 3), (37, 5), (10, 10)):
+        kept = trailing_timesteps(T, n)
+        assert len(kept) == n and kept[-1] == T - 1 and kept == sorted(set(kept))
+        exact = [T - 1 - k * T / n for k in range(n)][::-1]
+        assert all(abs(a - b) <= 0.5 for a, b in zip(kept, exact))
+
+
+@pytest.mark.parametrize("counts", ["ddim50", "ddim25", "trailing50", "trailing51", "10", "50", "100", "5,10,20"])
 def test_respacing_keeps_alpha_bar(counts):
     for base in (NoiseSchedule.linear(1000), NoiseSchedule.cosine(1000)):
         r = base.respace(counts)
@@ -170,6 +189,10 @@ def test_bad_input_names_the_parameter():
         sched.respace("ddim11")
     with pytest.raises(ValueError, match="section_counts"):
         sched.respace("0")
+    with pytest.raises(ValueError, match=r"'trailing11': N must lie in \[1, T=10\]"):
+        sched.respace("trailing11")
+    with pytest.raises(ValueError, match="expected 'trailingN' with an integer N"):
+        sched.respace("trailingx")
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])

@@ -3,11 +3,11 @@
 DDPM (Ho et al. 2020), Improved DDPM (Nichol & Dhariwal 2021) and guided diffusion (Dhariwal & Nichol
 2021), written to be read beside the book that derives each piece. Modules, one idea each:
 ``schedule`` (forward process), ``blocks``, ``unet`` and ``mlp`` (the networks), ``losses`` (objectives and the
-bound's terms), ``samplers`` (ancestral, respaced, DDIM), ``likelihood`` (bits/dim), ``guidance``,
-``digit_classifier``, ``fid``, ``memorisation`` and ``metrics`` (evaluation), ``samplefiles``, ``data``,
-``paths``, ``rng``, ``distributed``, ``trainconfig``, ``optim``, ``callbacks``, ``train`` and ``resume``
-(training), ``checkpoint`` (files), ``cache`` (trained models, above the trainer), ``presets``, ``plotting`` and
-``book`` (what the book's notebooks share: glue, verdicts, tables).
+bound's terms), ``samplers`` (ancestral, respaced, DDIM, Heun, DPM-Solver++) and ``spacing`` (the steps they visit),
+``likelihood`` (bits/dim), ``guidance``, ``digit_classifier``, ``fid``, ``memorisation`` and ``metrics``
+(evaluation), ``samplefiles``, ``data``, ``paths``, ``rng``, ``distributed``, ``trainconfig``, ``optim``,
+``callbacks``, ``train`` and ``resume`` (training), ``checkpoint`` (files), ``cache`` (trained models, above the
+trainer), ``presets``, ``plotting`` and ``book`` (what the book's notebooks share: glue, verdicts, tables).
 """
 
 __version__ = "0.3.0"

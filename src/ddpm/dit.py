@@ -12,6 +12,11 @@ adaptive layer norm and a zero-initialised linear map give p * p * C outputs per
 variances), which are put back into an image ("unpatchify"). The untrained network therefore predicts exactly
 zero, as the book's U-Net does. The timestep and class enter through ``ddpm.blocks.conditioning``, with the null
 label ``num_classes`` of classifier-free guidance, so every sampler, guidance and likelihood code runs on it.
+
+The weights start as in the reference implementation of Peebles & Xie (``initialize_weights`` of
+facebookresearch/DiT): Xavier-uniform linear layers with zero biases, the label table and the timestep MLP drawn
+from N(0, 0.02^2), so that the class does not drown the noise level in the conditioning vector, and the adaLN and
+output layers at zero.
 """
 
 from __future__ import annotations
@@ -176,6 +181,31 @@ class DiT(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_modulation = zero_module(nn.Linear(d, 2 * d))
         self.out = zero_module(nn.Linear(d, p * p * config.out_channels))
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Initialise as the DiT of Peebles & Xie (2023) does (``initialize_weights`` in facebookresearch/DiT).
+
+        Every linear layer: Xavier-uniform weights, U(-a, a) with a = sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio
+        2010), and zero biases; the patch embedding is a linear layer here, which is how DiT treats its patch
+        convolution. The label table and both layers of the timestep MLP: N(0, 0.02^2) weights. The adaLN
+        modulation of every block and of the final layer, and the output layer: zero (adaLN-Zero). The depthwise
+        convolution of ``conv_mlp``, which DiT does not have, keeps PyTorch's default initialisation. The DiT's
+        own ``time_embed`` and ``label_embed`` are re-drawn here; ``ddpm.blocks.conditioning`` and the U-Net are
+        untouched.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for layer in (self.time_embed[0], self.time_embed[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        if self.label_embed is not None:
+            nn.init.normal_(self.label_embed.weight, std=0.02)
+        for layer in [block.modulation for block in self.blocks] + [self.final_modulation, self.out]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         c, size = self.config.in_channels, self.config.image_size

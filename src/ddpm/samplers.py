@@ -7,12 +7,16 @@ step, a ``guidance`` hook and ``progress=False``. One reverse step is a visible 
 
 * Ancestral sampling: Ho et al. 2020, Algorithm 2, with the variance choices of Nichol & Dhariwal 2021.
 * Respacing: Nichol & Dhariwal 2021, Sec. 4: the schedule is cut to the kept steps
-  (``NoiseSchedule.respace``) and the model is still given the original timesteps.
-* DDIM: Song et al. 2021, Eq. 12, with eta = 0 deterministic and eta = 1 matching the ancestral variance.
+  (``NoiseSchedule.respace``) and the model is still given the original timesteps. Ancestral sampling with N
+  steps keeps their even spacing, which includes T - 1 and 0.
+* DDIM: Song et al. 2021, Eq. 12, with eta = 0 deterministic and eta = 1 matching the ancestral variance. With N
+  steps it walks the *trailing* steps T - 1, T - 1 - T/N, ..., T/N - 1 by default (Lin et al. 2024, Table 2),
+  or with ``spacing="leading"`` the OpenAI stride 0, T/N, ..., T - T/N (``"ddimN"``); see ``ddpm.spacing``.
 * Heun: Karras et al. 2022, Algorithm 1 (second order, a last Euler step to sigma = 0), in their variables
   x_hat = x / sqrt(alpha_bar) and sigma = sqrt((1 - alpha_bar) / alpha_bar), where eta = 0 DDIM is Euler.
 * DPM-Solver++(2M): Lu et al. 2022b, Algorithm 2 (multistep, second order, data prediction).
-  Both walk the model's own timesteps, chosen by ``solver_timesteps`` (uniform in t, in log-SNR or Karras).
+  Both walk the model's own timesteps, chosen by ``solver_timesteps`` (uniform in t, in log-SNR or Karras); the
+  log-SNR and Karras levels start at sigma_max = 80 (Karras et al. 2022) where the schedule reaches beyond it.
 * Guidance: ``Guidance.cond_grad`` shifts the ancestral mean (Dhariwal & Nichol 2021, Algorithm 1) and the
   DDIM eps (their Algorithm 2); ``Guidance.model_output`` lets classifier-free guidance combine two passes.
 The book explains each in ``theory/ddpm.md``, ``theory/faster_sampling.md``, ``theory/continuous_time.md`` and
@@ -30,14 +34,13 @@ from torch import Tensor
 
 from .losses import p_mean_variance, split_output
 from .schedule import NoiseSchedule, randn_like
+from .spacing import DDIM_SPACINGS, KARRAS_RHO, SIGMA_MAX, SPACINGS, respaced, solver_timesteps
 
 __all__ = ["Guidance", "model_output", "p_sample_step", "ddpm_sample", "ddim_step", "ddim_sample", "heun_sample",
            "dpm_solver_sample", "solver_timesteps", "nfe", "sample", "sample_in_batches", "SAMPLERS", "SPACINGS",
-           "respaced"]
+           "respaced", "DDIM_SPACINGS", "KARRAS_RHO", "SIGMA_MAX"]
 
 SAMPLERS = ("ddpm", "ddim", "heun", "dpm++2m")
-SPACINGS = ("uniform", "logsnr", "karras")
-KARRAS_RHO = 7.0  # Karras et al. (2022), Eq. 5
 DEFAULT_STEPS = {"heun": 18, "dpm++2m": 20}  # EDM's 35 NFE; DPM-Solver++'s 20 NFE
 Callback = Callable[[int, Tensor, Tensor], None]
 
@@ -59,24 +62,6 @@ class Guidance:
 
 
 _NO_GUIDANCE = Guidance()
-
-
-def respaced(schedule: NoiseSchedule, steps: int | str | Sequence[int] | None, sampler: str) -> NoiseSchedule:
-    """The schedule a sampler walks: all T steps (``steps=None`` or T), or a respaced one.
-
-    An int N gives N evenly spread steps (``"ddimN"`` striding for DDIM when T is a multiple of N, as in the
-    OpenAI code); a string is passed to ``NoiseSchedule.respace`` (``"10,15,20"``, ``"ddim50"``).
-    """
-    if steps is None:
-        return schedule
-    if isinstance(steps, int):
-        if isinstance(steps, bool) or not 1 <= steps <= schedule.T:
-            raise ValueError(f"steps must lie in [1, T={schedule.T}], got {steps!r}")
-        if steps == schedule.T:
-            return schedule
-        if sampler == "ddim" and schedule.T % steps == 0:
-            return schedule.respace(f"ddim{steps}")
-    return schedule.respace(steps)
 
 
 def model_output(model, schedule: NoiseSchedule, x: Tensor, t: Tensor, y: Tensor | None = None,
@@ -165,7 +150,8 @@ def ddim_step(schedule: NoiseSchedule, eps: Tensor, x_t: Tensor, t: int | Tensor
 
     x_{t_prev} = sqrt(ab_prev) x0_pred + sqrt(1 - ab_prev - sigma^2) eps + sigma z, with
     sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev) (their Eq. 16). eta = 0 is
-    deterministic; eta = 1 gives the ancestral posterior variance. Indices are into ``schedule``.
+    deterministic; eta = 1 gives the ancestral posterior variance. Indices are into ``schedule``. x_t, eps (and
+    noise) [N, ...]; the step is computed in float64, as the schedule's coefficients are, and returned in x_t's dtype.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
@@ -173,9 +159,12 @@ def ddim_step(schedule: NoiseSchedule, eps: Tensor, x_t: Tensor, t: int | Tensor
     t_prev = torch.as_tensor(t_prev, dtype=torch.long).expand(x_t.shape[0]).to(x_t.device)
     if (t_prev >= t).any() or (t_prev < -1).any():
         raise ValueError("t_prev must satisfy -1 <= t_prev < t")
+    if eta > 0 and noise is None:
+        noise = randn_like(x_t, generator)
+    dtype, x_t, eps = x_t.dtype, x_t.double(), eps.double()
     ab_t = schedule.extract(schedule.alpha_bar, t, x_t)
     ab_all = torch.cat([torch.ones(1, dtype=torch.float64), schedule.alpha_bar])  # index 0 = "before t = 0"
-    ab_prev = ab_all.to(x_t.device)[t_prev + 1].to(x_t.dtype).reshape(ab_t.shape)
+    ab_prev = ab_all.to(x_t.device)[t_prev + 1].reshape(ab_t.shape)
     x0 = (x_t - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
@@ -183,26 +172,27 @@ def ddim_step(schedule: NoiseSchedule, eps: Tensor, x_t: Tensor, t: int | Tensor
     sigma = eta * ((1 - ab_prev) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_prev).sqrt()
     x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
     if eta > 0:
-        if noise is None:
-            noise = randn_like(x_t, generator)
-        x_prev = x_prev + sigma * noise
-    return x_prev
+        x_prev = x_prev + sigma * noise.double()
+    return x_prev.to(dtype)
 
 
 @torch.no_grad()
 def ddim_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = None, *, x_T: Tensor | None = None,
-                steps: int | str | None = None, eta: float = 0.0, y: Tensor | None = None,
-                generator: torch.Generator | None = None, callback: Callback | None = None,
-                guidance: Guidance | None = None, clip_denoised: bool = True, progress: bool = False,
-                device=None, var_type: str | None = None) -> Tensor:
+                steps: int | str | None = None, eta: float = 0.0, spacing: str = "trailing",
+                y: Tensor | None = None, generator: torch.Generator | None = None,
+                callback: Callback | None = None, guidance: Guidance | None = None, clip_denoised: bool = True,
+                progress: bool = False, device=None, var_type: str | None = None) -> Tensor:
     """DDIM sampling (Song et al. 2021) over all T steps or a respaced subset (``steps``).
 
-    Classifier guidance shifts eps by -sqrt(1 - alpha_bar_t) s grad log p(y | x_t) (Dhariwal & Nichol
-    Algorithm 2). ``var_type`` is accepted for a uniform signature and ignored: DDIM sets its own variance.
-    Returns x_0 [N, ...].
+    An int ``steps`` = N walks the trailing steps T - 1, T - 1 - T/N, ..., T/N - 1 (``spacing="trailing"``, the
+    default, as Lin et al. 2024 recommend in their Table 2), so that 50 and 51 steps both start at T - 1;
+    ``spacing="leading"`` walks the OpenAI code's 0, T/N, ..., T - T/N (``"ddimN"``). A string is a section
+    string of ``NoiseSchedule.respace`` and ignores ``spacing``. Classifier guidance shifts eps by
+    -sqrt(1 - alpha_bar_t) s grad log p(y | x_t) (Dhariwal & Nichol Algorithm 2). ``var_type`` is accepted for a
+    uniform signature and ignored: DDIM sets its own variance. Returns x_0 [N, ...].
     """
     guidance = guidance or _NO_GUIDANCE
-    sched = respaced(schedule, steps, "ddim")
+    sched = respaced(schedule, steps, "ddim", spacing)
     x = _initial_noise(model, sched, shape, x_T, generator, device)
     for i in _steps(sched, progress, "DDIM"):
         eps, pred_x0 = _eps_and_x0(model, sched, x, i, y, guidance, clip_denoised)
@@ -211,35 +201,6 @@ def ddim_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = No
             callback(int(sched.timestep_map[i]), x, pred_x0)
         x = x_next
     return x
-
-
-def solver_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr") -> Tensor:
-    """The ``steps`` timesteps a solver visits, as descending 0-based indices into ``schedule`` ``[steps]``.
-
-    ``"uniform"``: evenly spread in t from T - 1 down, trailing (T - 1, T - 1 - T/N, ..., T/N - 1), so the last
-    jump to x_0 is as long as the others. ``"logsnr"``: evenly spread in lambda = log(alpha / sigma) between
-    steps T - 1 and 0 (Lu et al. 2022). ``"karras"``: sigma_i^(1/rho) evenly spread, rho = 7, with the EDM
-    sigma = sqrt((1 - alpha_bar) / alpha_bar) between steps T - 1 and 0 (Karras et al. 2022, Eq. 5). Each
-    value is snapped to the nearest step of the schedule, and collisions are pushed apart.
-    """
-    if spacing not in SPACINGS:
-        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
-    T = schedule.T
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be an int in [1, T={T}], got {steps!r}")
-    if spacing == "uniform":
-        idx = [round(T - 1 - k * T / steps) for k in range(steps)]
-    else:
-        ab = schedule.alpha_bar
-        coord = 0.5 * torch.log(ab / (1 - ab)) if spacing == "logsnr" else ((1 - ab) / ab) ** (0.5 / KARRAS_RHO)
-        targets = torch.linspace(float(coord[-1]), float(coord[0]), steps, dtype=torch.float64)
-        idx = (coord.unsqueeze(0) - targets.unsqueeze(1)).abs().argmin(dim=1).tolist()
-    idx[0] = min(idx[0], T - 1)
-    for k in range(1, steps):  # strictly decreasing ...
-        idx[k] = min(idx[k], idx[k - 1] - 1)
-    for k in range(steps):  # ... and room for the steps after (the max of two decreasing sequences decreases)
-        idx[k] = max(idx[k], steps - 1 - k)
-    return torch.tensor(idx, dtype=torch.long)
 
 
 def nfe(sampler: str, steps: int | None, T: int = 1000) -> int:
@@ -270,30 +231,35 @@ def _eps_and_x0(model, schedule: NoiseSchedule, x: Tensor, i: int, y, guidance: 
     return eps, x0
 
 
-def _solver_steps(schedule: NoiseSchedule, steps: int, spacing: str, progress: bool, desc: str):
+def _solver_steps(schedule: NoiseSchedule, steps: int, spacing: str, sigma_max: float | None, progress: bool,
+                  desc: str):
     """Pairs (i, j) of consecutive step indices, the last pair ending at j = -1 (sigma = 0, x_0)."""
-    idx = solver_timesteps(schedule, steps, spacing).tolist()
+    idx = solver_timesteps(schedule, steps, spacing, sigma_max).tolist()
     return _with_progress(list(zip(idx, idx[1:] + [-1])), progress, desc)
 
 
 @torch.no_grad()
 def heun_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = None, *, x_T: Tensor | None = None,
-                steps: int | None = None, spacing: str = "karras", y: Tensor | None = None,
-                generator: torch.Generator | None = None, callback: Callback | None = None,
-                guidance: Guidance | None = None, clip_denoised: bool = True, progress: bool = False,
-                device=None, var_type: str | None = None) -> Tensor:
+                steps: int | None = None, spacing: str = "karras", sigma_max: float | None = SIGMA_MAX,
+                y: Tensor | None = None, generator: torch.Generator | None = None,
+                callback: Callback | None = None, guidance: Guidance | None = None, clip_denoised: bool = True,
+                progress: bool = False, device=None, var_type: str | None = None) -> Tensor:
     """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1, S_churn = 0).
 
     In x_hat = x / sqrt(alpha_bar) and sigma = sqrt((1 - alpha_bar) / alpha_bar) the ODE reads
     d x_hat / d sigma = eps(x, t). Each of the ``steps`` noise levels (default 18) takes an Euler step (which is
     exactly a DDIM step) and corrects it with the slope at its end; the last step, to sigma = 0, stays Euler.
-    NFE = 2 steps - 1. ``generator`` only draws x_T. ``var_type`` is ignored. Returns x_0 [N, ...].
+    NFE = 2 steps - 1. The levels come from ``solver_timesteps(schedule, steps, spacing, sigma_max)``: with the
+    Karras and log-SNR spacings they start at the last step with sigma <= ``sigma_max`` (80, as in EDM), or at
+    T - 1 with ``sigma_max=None``. x_T ~ N(0, I) is given to that first step as it is, just as EDM starts from pure
+    noise of standard deviation sigma_max in x_hat (at sigma = 80 the signal is 1/80 of x_hat).
+    ``generator`` only draws x_T. ``var_type`` is ignored. Returns x_0 [N, ...].
     """
     guidance = guidance or _NO_GUIDANCE
     steps = DEFAULT_STEPS["heun"] if steps is None else steps
     x = _initial_noise(model, schedule, shape, x_T, generator, device)
     ab = schedule.alpha_bar.tolist()
-    for i, j in _solver_steps(schedule, steps, spacing, progress, "Heun"):
+    for i, j in _solver_steps(schedule, steps, spacing, sigma_max, progress, "Heun"):
         eps, x0 = _eps_and_x0(model, schedule, x, i, y, guidance, clip_denoised)
         if callback is not None:
             callback(int(schedule.timestep_map[i]), x, x0)
@@ -310,8 +276,9 @@ def heun_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = No
 
 @torch.no_grad()
 def dpm_solver_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = None, *,
-                      x_T: Tensor | None = None, steps: int | None = None, spacing: str = "logsnr", order: int = 2,
-                      y: Tensor | None = None, generator: torch.Generator | None = None,
+                      x_T: Tensor | None = None, steps: int | None = None, spacing: str = "logsnr",
+                      sigma_max: float | None = SIGMA_MAX, order: int = 2, y: Tensor | None = None,
+                      generator: torch.Generator | None = None,
                       callback: Callback | None = None, guidance: Guidance | None = None,
                       clip_denoised: bool = True, progress: bool = False, device=None,
                       var_type: str | None = None) -> Tensor:
@@ -320,7 +287,8 @@ def dpm_solver_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | Non
     With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma), h = lambda_j -
     lambda_i, one step is x_j = (sigma_j / sigma_i) x_i - alpha_j (e^{-h} - 1) D, where D is the x_0
     prediction (order 1, and the first step) or (1 + 1/(2r)) x0_i - 1/(2r) x0_prev with r = h_prev / h.
-    The last step, to sigma = 0, returns the x_0 prediction. NFE = steps (default 20). ``generator`` only
+    The last step, to sigma = 0, returns the x_0 prediction. NFE = steps (default 20). The steps, and where they
+    start (``sigma_max``, x_T ~ N(0, I) as it is), are Heun's: see :func:`heun_sample`. ``generator`` only
     draws x_T; ``var_type`` is ignored. Returns x_0 [N, ...].
     """
     if order not in (1, 2):
@@ -330,7 +298,7 @@ def dpm_solver_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | Non
     x = _initial_noise(model, schedule, shape, x_T, generator, device)
     ab = schedule.alpha_bar.tolist()
     x0_prev, h_prev = None, None
-    for i, j in _solver_steps(schedule, steps, spacing, progress, "DPM-Solver++"):
+    for i, j in _solver_steps(schedule, steps, spacing, sigma_max, progress, "DPM-Solver++"):
         _, x0 = _eps_and_x0(model, schedule, x, i, y, guidance, clip_denoised)
         if callback is not None:
             callback(int(schedule.timestep_map[i]), x, x0)

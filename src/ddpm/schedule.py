@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["linear_betas", "cosine_betas", "space_timesteps", "NoiseSchedule", "SCHEDULES"]
+__all__ = ["linear_betas", "cosine_betas", "space_timesteps", "trailing_timesteps", "NoiseSchedule", "SCHEDULES"]
 
 SCHEDULES = ("linear", "cosine")
 
@@ -65,12 +65,38 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Te
     return betas.clamp(max=max_beta)
 
 
+def trailing_timesteps(T: int, n: int) -> list[int]:
+    """N timesteps T/N apart that end at the last one: T - 1, T - 1 - T/N, ..., T/N - 1 (each rounded), ascending.
+
+    The *trailing* spacing of Lin et al. (2024), Table 2: a sampler that walks them starts at t = T - 1, where the
+    schedule has removed the most signal, and its last jump, to x_0, is as long as the others. For T = 1000 and
+    N = 10: 99, 199, ..., 999. The steps are distinct because T/N >= 1.
+    """
+    _check_T(T)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
+        raise ValueError(f"the number of steps must be an integer in [1, T={T}], got {n!r}")
+    return sorted(round(T - 1 - k * T / n) for k in range(n))
+
+
+def _named_count(text: str, prefix: str, T: int) -> int:
+    """N of a section string ``"<prefix>N"`` such as ``"ddim50"``, checked to lie in [1, T]."""
+    try:
+        n = int(text[len(prefix):])
+    except ValueError:
+        raise ValueError(f"section_counts {text!r}: expected '{prefix}N' with an integer N") from None
+    if not 1 <= n <= T:
+        raise ValueError(f"section_counts '{prefix}{n}': N must lie in [1, T={T}]")
+    return n
+
+
 def space_timesteps(T: int, section_counts: str | int | Sequence[int]) -> list[int]:
     """Which of the T original timesteps to keep (Improved DDPM, Sec. 4, as in the OpenAI code).
 
     ``section_counts`` is either
-      * ``"ddimN"`` (or ``N`` for DDIM-style use): N steps with a fixed integer stride, as in DDIM;
-      * an int N: N steps spread evenly over [0, T - 1];
+      * ``"ddimN"``: N steps 0, k, 2k, ..., T - k with the integer stride k = T / N, as in the OpenAI DDIM code
+        (the *leading* spacing: it never visits T - 1, so a sampler starts where signal is left);
+      * ``"trailingN"``: N steps T - 1, T - 1 - T/N, ..., T/N - 1 (``trailing_timesteps``; Lin et al. 2024);
+      * an int N: N steps spread evenly over [0, T - 1], both ends included;
       * a comma-separated string or sequence such as ``"10,15,20"``: the T steps are cut into as many
         equal sections, and the i-th section keeps that many evenly spaced steps.
     Returns the sorted list of kept 0-based timesteps.
@@ -78,22 +104,20 @@ def space_timesteps(T: int, section_counts: str | int | Sequence[int]) -> list[i
     _check_T(T)
     if isinstance(section_counts, str):
         text = section_counts.strip()
+        if text.startswith("trailing"):
+            return trailing_timesteps(T, _named_count(text, "trailing", T))
         if text.startswith("ddim"):
-            try:
-                n = int(text[len("ddim"):])
-            except ValueError:
-                raise ValueError(f"section_counts {section_counts!r}: expected 'ddimN' with an integer N") from None
-            if not 1 <= n <= T:
-                raise ValueError(f"section_counts 'ddim{n}': N must lie in [1, T={T}]")
+            n = _named_count(text, "ddim", T)
             for stride in range(1, T + 1):
                 if len(range(0, T, stride)) == n:
                     return list(range(0, T, stride))
             raise ValueError(f"section_counts 'ddim{n}': no integer stride gives exactly {n} of T={T} steps; "
-                             f"use a plain count such as '{n}' instead")
+                             f"use a plain count such as '{n}' or 'trailing{n}' instead")
         try:
             counts = [int(part) for part in text.split(",")]
         except ValueError:
-            raise ValueError(f"section_counts {section_counts!r}: expected 'ddimN', an int or '10,15,20'") from None
+            raise ValueError(f"section_counts {section_counts!r}: expected 'ddimN', 'trailingN', an int or "
+                             "'10,15,20'") from None
     elif isinstance(section_counts, int):
         counts = [section_counts]
     else:

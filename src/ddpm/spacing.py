@@ -1,0 +1,111 @@
+"""Which timesteps a sampler visits: the respaced schedule of ancestral sampling and DDIM, and the noise levels of
+the ODE solvers (Heun, DPM-Solver++).
+
+Timesteps are 0-based as everywhere in the package (``t = T - 1`` is the noisiest step), and
+sigma = sqrt((1 - alpha_bar) / alpha_bar) is the noise level of Karras et al. (2022).
+
+* DDIM with N steps walks the *trailing* steps T - 1, T - 1 - T/N, ..., T/N - 1 by default: it starts where the
+  schedule has removed the most signal, and its last jump, to x_0, is as long as the others. Lin et al. (2024),
+  Table 2, find it better than the *leading* stride 0, T/N, ..., T - T/N of the OpenAI code (``"ddimN"``), which
+  on the cosine schedule with N = 10 starts at t = 900, where 15% of the signal is still present, and whose start
+  depends on whether N divides T. ``spacing="leading"`` keeps the OpenAI steps.
+* Ancestral sampling with N steps keeps the OpenAI even spacing (Nichol & Dhariwal 2021, Sec. 4), which already
+  includes both T - 1 and 0.
+* The solvers spread their levels uniformly in t (trailing), in log-SNR (Lu et al. 2022) or in sigma^(1/rho)
+  (Karras et al. 2022, Eq. 5). The last two start at sigma_max = 80 (EDM's value, Karras et al. 2022, Table 1)
+  where the schedule reaches beyond it: on the cosine schedule sigma_{T-1} is about 20,000, and spreading the
+  levels from there would spend most of them at pure noise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .schedule import NoiseSchedule, trailing_timesteps
+
+__all__ = ["DDIM_SPACINGS", "SPACINGS", "KARRAS_RHO", "SIGMA_MAX", "respaced", "solver_timesteps"]
+
+DDIM_SPACINGS = ("trailing", "leading")
+SPACINGS = ("uniform", "logsnr", "karras")
+KARRAS_RHO = 7.0  # Karras et al. (2022), Eq. 5
+SIGMA_MAX = 80.0  # Karras et al. (2022), Table 1: the largest noise level EDM samples from
+
+
+def respaced(schedule: NoiseSchedule, steps: int | str | Sequence[int] | None, sampler: str,
+             spacing: str = "trailing") -> NoiseSchedule:
+    """The schedule a sampler walks: all T steps (``steps=None`` or T), or a respaced one.
+
+    An int N for ``sampler="ddim"`` gives the trailing steps T - 1, T - 1 - T/N, ..., T/N - 1 (``spacing="trailing"``,
+    the default; Lin et al. 2024, Table 2), or with ``spacing="leading"`` the OpenAI code's ``"ddimN"`` stride
+    0, T/N, ..., T - T/N when N divides T and its even spacing otherwise. An int N for any other sampler gives N
+    steps spread evenly over [0, T - 1] (the OpenAI respacing, which includes T - 1 and 0); ``spacing`` then plays
+    no part. A string is passed to ``NoiseSchedule.respace`` (``"10,15,20"``, ``"ddim50"``, ``"trailing50"``).
+    """
+    if spacing not in DDIM_SPACINGS:
+        raise ValueError(f"spacing must be one of {', '.join(DDIM_SPACINGS)}, got {spacing!r}")
+    if steps is None:
+        return schedule
+    if isinstance(steps, int):
+        if isinstance(steps, bool) or not 1 <= steps <= schedule.T:
+            raise ValueError(f"steps must lie in [1, T={schedule.T}], got {steps!r}")
+        if steps == schedule.T:
+            return schedule
+        if sampler == "ddim" and spacing == "trailing":
+            return schedule.respace(f"trailing{steps}")
+        if sampler == "ddim" and schedule.T % steps == 0:
+            return schedule.respace(f"ddim{steps}")
+    return schedule.respace(steps)
+
+
+def _top_step(schedule: NoiseSchedule, sigma_max: float | None) -> int:
+    """The last step whose sigma does not exceed ``sigma_max`` (T - 1 when ``sigma_max`` is None or above them all)."""
+    if sigma_max is None:
+        return schedule.T - 1
+    if isinstance(sigma_max, bool) or not isinstance(sigma_max, (int, float)) or not 0 < sigma_max < math.inf:
+        raise ValueError(f"sigma_max must be a positive number (EDM uses 80) or None for no cap, got {sigma_max!r}")
+    ab = schedule.alpha_bar
+    below = int((((1 - ab) / ab).sqrt() <= sigma_max).sum())  # sigma rises with t: these are steps 0 .. below - 1
+    if below == 0:
+        sigma_0 = math.sqrt((1 - float(ab[0])) / float(ab[0]))
+        raise ValueError(f"sigma_max={sigma_max} lies below every noise level of the schedule (sigma at step 0 is "
+                         f"{sigma_0:.3g}); raise it or pass sigma_max=None")
+    return below - 1
+
+
+def solver_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr",
+                     sigma_max: float | None = SIGMA_MAX) -> Tensor:
+    """The ``steps`` timesteps a solver visits, as descending 0-based indices into ``schedule`` ``[steps]``.
+
+    ``"uniform"``: evenly spread in t from T - 1 down, trailing (T - 1, T - 1 - T/N, ..., T/N - 1), so the last
+    jump to x_0 is as long as the others; it ignores ``sigma_max``. ``"logsnr"``: evenly spread in
+    lambda = log(alpha / sigma) (Lu et al. 2022). ``"karras"``: sigma_i^(1/rho) evenly spread, rho = 7, with the
+    EDM sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022, Eq. 5). Both run from the top step down to
+    step 0, where the top step is the last one whose sigma does not exceed ``sigma_max`` (80 as in EDM; the step
+    nearest to min(sigma_max, sigma_{T-1}) from below), or T - 1 with ``sigma_max=None``. Each value is snapped to
+    the nearest step of the schedule, and collisions are pushed apart.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    T = schedule.T
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an int in [1, T={T}], got {steps!r}")
+    if spacing == "uniform":
+        return torch.tensor(trailing_timesteps(T, steps)[::-1], dtype=torch.long)
+    top = _top_step(schedule, sigma_max)
+    if steps > top + 1:
+        raise ValueError(f"steps={steps} exceeds the {top + 1} steps of the schedule with sigma <= "
+                         f"sigma_max={sigma_max}; use fewer steps or sigma_max=None")
+    ab = schedule.alpha_bar[: top + 1]
+    coord = 0.5 * torch.log(ab / (1 - ab)) if spacing == "logsnr" else ((1 - ab) / ab) ** (0.5 / KARRAS_RHO)
+    targets = torch.linspace(float(coord[-1]), float(coord[0]), steps, dtype=torch.float64)
+    idx = (coord.unsqueeze(0) - targets.unsqueeze(1)).abs().argmin(dim=1).tolist()
+    idx[0] = min(idx[0], top)
+    for k in range(1, steps):  # strictly decreasing ...
+        idx[k] = min(idx[k], idx[k - 1] - 1)
+    for k in range(steps):  # ... and room for the steps after (the max of two decreasing sequences decreases)
+        idx[k] = max(idx[k], steps - 1 - k)
+    return torch.tensor(idx, dtype=torch.long)
