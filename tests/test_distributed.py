@@ -81,4 +81,5 @@ def test_two_processes_stay_identical_shard_data_and_only_rank0_writes(tmp_path)
     for k, v in state["model"].items():
         assert torch.equal(v, w0[f"model.{k}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank0.safetensors", "rank1.json",
-                                                          "rank1.safetensors", "run"]
+                                                          "rank1.safetensors", "run", "run.lock"]
+
