@@ -58,3 +58,33 @@ def test_bad_mixtures_are_refused():
         GaussianMixtureEps(SCHED, [0.0, 1.0])
     with pytest.raises(ValueError, match="weights"):
         GaussianMixtureEps(SCHED, [[0.0], [1.0]], 0.1, [1.0, -1.0])
+
+
+def test_labels_outside_the_mixture_are_refused_in_one_line():
+    mix = GaussianMixtureEps(SCHED, [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], 0.2)  # K = 3, null label 3
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.full((4,), 50)
+    bad = [
+        (torch.tensor([0, 1, 4, 2]), "components 0..2 or the null label 3 of this 3-component mixture"),
+        (torch.tensor([0, -1, 1, 2]), "got labels from -1 to 2"),
+        (torch.tensor([0.0, 1.0, 2.0, 3.0]), "integer class labels"),
+        (torch.tensor([True, False, True, False]), "integer class labels"),
+        (torch.tensor([[0], [1], [2], [3]]), "shape [4], got shape (4, 1)"),
+        (torch.tensor([0, 1]), "shape [4], got shape (2,)"),
+    ]
+    for y, message in bad:
+        for call in (mix, mix.score, mix.log_density):
+            with pytest.raises(ValueError) as err:
+                call(x, t, y)
+            assert message in str(err.value) and "\n" not in str(err.value), (y, str(err.value))
+    with pytest.raises(ValueError, match=r"components 0..2 of this 3-component mixture, got labels from 0 to 3"):
+        mix.sample_data(4, y=torch.tensor([0, 1, 2, 3]))  # data have no null label
+    with pytest.raises(ValueError, match=r"shape \[4\], got shape \(3,\)"):
+        mix.sample_data(4, y=torch.tensor([0, 1, 2]))
+
+    # every valid label, the null one included, and the int32 of a caller: the null label is the whole mixture
+    y = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    assert torch.equal(mix(x, t, y)[3], mix(x[3:], t[3:])[0])
+    y0 = torch.tensor([0, 1, 2, 0], dtype=torch.int32)
+    x0 = mix.sample_data(4, torch.Generator().manual_seed(0), y=y0)
+    assert (x0 - mix.means[y0.long()]).abs().max() < 1.0  # each point from its own component (std 0.2)

@@ -5,12 +5,13 @@ from pathlib import Path
 import os
 import pickle
 import random
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from ddpm import cache
+from ddpm import atomic, cache
 from ddpm import checkpoint as ck
 from ddpm.checkpoint import CheckpointError, config_hash, load_weights, save_weights
 from ddpm.train import TrainConfig, Trainer
@@ -181,7 +182,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="power cut"):
         trainer.save(tmp_path / "run")
     monkeypatch.undo()
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no half-written directory left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.lock"]  # no half-written directory left
     assert ck.load_training_state(tmp_path / "run")["state"]["step"] == 2
 
 
@@ -191,10 +192,10 @@ def test_every_rename_is_made_durable_before_the_old_checkpoint_goes(tmp_path, m
     trainer.save(tmp_path / "run")
     trainer.fit(steps=4)
     events = []
-    real_replace, real_fsync, real_rmtree = os.replace, ck._fsync, ck.shutil.rmtree
-    monkeypatch.setattr(ck.os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b)))
-    monkeypatch.setattr(ck, "_fsync", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p)))
-    monkeypatch.setattr(ck.shutil, "rmtree",
+    real_replace, real_fsync, real_rmtree = os.replace, atomic.fsync_path, atomic.shutil.rmtree
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b)))
+    monkeypatch.setattr(atomic, "fsync_path", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p)))
+    monkeypatch.setattr(atomic.shutil, "rmtree",
                         lambda p, **kw: (events.append(("rmtree", Path(p).name)), real_rmtree(p, **kw)))
     trainer.save(tmp_path / "run")
     monkeypatch.undo()
@@ -351,3 +352,197 @@ def test_preview_samples_survive_the_cache_and_a_resume(tmp_path):
     resumed = cache.load_or_train(config, cache_dir=tmp_path / "resume", progress=False)
     assert [step for step, _ in resumed.previews] == [2, 4, 6]
     assert torch.equal(resumed.previews[0][1], first.previews[0][1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nothing but a checkpoint is ever replaced; a lock beside each checkpoint; readers during a swap
+
+
+def _siblings(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_save_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    (run / "other").mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    (run / "other" / "a.txt").write_text("also mine")
+    trainer = Trainer(toy_config(steps=4, checkpoint_every=2), out_dir=run, data=toy_data(), progress=False)
+    with pytest.raises(CheckpointError, match="is a folder that is not a ddpm checkpoint") as err:
+        trainer.fit()  # the first checkpoint is refused, as is any direct save
+    assert "\n" not in str(err.value) and str(err.value).endswith("choose an empty or new folder")
+    with pytest.raises(CheckpointError, match="choose an empty or new folder"):
+        trainer.save()
+    assert (run / "notes.txt").read_text() == "mine" and (run / "other" / "a.txt").read_text() == "also mine"
+    assert _siblings(run) == ["notes.txt", "other"] and _siblings(tmp_path) == ["run"]  # nothing written beside it
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        trainer.save(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
+    (run / "config.json").write_text(json.dumps({"format": "something else"}))  # a config.json, but not ours
+    with pytest.raises(CheckpointError, match="not a ddpm checkpoint"):
+        trainer.save(run)
+    assert not ck.is_checkpoint(run) and not ck.is_checkpoint(tmp_path / "file")
+
+    (tmp_path / "empty").mkdir()  # an empty folder, or an earlier checkpoint, is what a save may replace
+    trainer.save(tmp_path / "empty")
+    assert ck.is_checkpoint(tmp_path / "empty") and ck.load_training_state(tmp_path / "empty")["state"]["step"] == 2
+    trainer.out_dir = tmp_path / "empty"
+    trainer.fit(steps=3)  # and replaces its own checkpoint at the end
+    assert ck.load_training_state(tmp_path / "empty")["state"]["step"] == 3
+
+
+def test_a_failed_final_rename_keeps_the_new_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(toy_config(), data=toy_data(), progress=False)
+    trainer.fit(steps=2)
+    trainer.save(tmp_path / "run")
+    trainer.fit(steps=4)
+    real_replace = os.replace
+
+    def refuse_the_move_in(src, dst):
+        if Path(dst).name == "run" and ".tmp-" in Path(src).name:
+            raise OSError(13, "Permission denied")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", refuse_the_move_in)
+    with pytest.raises(CheckpointError, match=r"could not move the new checkpoint .* \(Permission denied\); it is "
+                                              r"kept, complete, in") as err:
+        trainer.save(tmp_path / "run")
+    monkeypatch.undo()
+    kept = Path(str(err.value).split("complete, in ")[1].split(": move it")[0])
+    assert kept.parent == tmp_path and kept.name.startswith(".run.tmp-")
+    assert ck.load_training_state(kept)["state"]["step"] == 4  # the new checkpoint, whole
+    assert ck.load_training_state(tmp_path / "run")["state"]["step"] == 2  # the old one, back in its place
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name]
+
+
+def test_a_reader_waits_out_a_swap_instead_of_undoing_it(tmp_path):
+    import threading
+
+    from ddpm.locking import holding_lock
+
+    trainer = Trainer(toy_config(), data=toy_data(), progress=False)
+    trainer.fit(steps=2)
+    trainer.save(tmp_path / "run")
+    trainer.fit(steps=3)
+    trainer.save(tmp_path / "next")
+    aside = tmp_path / ".run.old-00000000000000000001"
+    locked, finish = threading.Event(), threading.Event()
+
+    def writer():  # a writer caught between its two renames, holding the lock (threads exclude each other too)
+        with holding_lock(tmp_path / "run"):
+            os.replace(tmp_path / "run", aside)
+            locked.set()
+            finish.wait(10)
+            os.replace(tmp_path / "next", tmp_path / "run")
+            ck.shutil.rmtree(aside)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert locked.wait(10)
+    timer = threading.Timer(0.3, finish.set)
+    timer.start()
+    try:
+        header = ck.read_checkpoint_header(tmp_path / "run")  # waits for the new checkpoint
+        state = ck.load_training_state(tmp_path / "run", restore_rng=False)
+    finally:
+        finish.set()
+        thread.join()
+    assert header["format"] == "ddpm-checkpoint" and state["state"]["step"] == 3
+    assert _siblings(tmp_path) == ["next.lock", "run", "run.lock"]  # the aside copy was not moved back
+
+
+SWAPS = 15
+
+
+def _save_filled(run, step: int) -> None:
+    """A checkpoint of the toy network at ``step`` whose every weight is ``step`` (no optimiser: quick to start)."""
+    from ddpm.train import build_model
+
+    config = toy_config()
+    net = build_model(config)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(float(step))
+    ck.save_training_state(run, config=config.to_dict(), model=net.state_dict(), ema=net.state_dict(),
+                           optimizer={"state": {}, "param_groups": []}, state={"step": step})
+
+
+def _swap_many_times(run: str, saves: int, done) -> None:
+    torch.set_num_threads(1)
+    for step in range(1, saves + 1):
+        _save_filled(run, step)
+    done.set()
+
+
+def test_a_reader_during_swaps_never_crashes_and_never_mixes_two_checkpoints(tmp_path):
+    import multiprocessing
+
+    run = tmp_path / "run"
+    _save_filled(run, 0)
+    ctx = multiprocessing.get_context("spawn")
+    done = ctx.Event()
+    writer = ctx.Process(target=_swap_many_times, args=(str(run), SWAPS, done))
+    writer.start()
+    steps = []
+    try:
+        while not done.is_set() and writer.is_alive():
+            header = ck.read_checkpoint_header(run)
+            model, config, state = cache.load_model(run)
+            values = torch.cat([p.detach().flatten() for p in model.parameters()])
+            assert torch.all(values == state["step"]), "the weights of one checkpoint, the state of another"
+            assert header["config"] == config.to_dict()
+            steps.append(state["step"])
+            time.sleep(0.002)  # leave the writer some of the CPU
+    finally:
+        writer.join(60)
+    assert writer.exitcode == 0
+    assert steps == sorted(steps) and len(set(steps)) > 1, steps  # the reader saw the checkpoints change
+    assert ck.load_training_state(run)["state"]["step"] == SWAPS
+    assert _siblings(tmp_path) == ["run", "run.lock"]  # no .old-* or .tmp-* folder left
+
+
+RACE_STEPS = 40
+
+
+def _race_config() -> TrainConfig:
+    return toy_config(steps=RACE_STEPS, checkpoint_every=20)
+
+
+def _load_or_train_at_once(cache_dir: str, barrier) -> dict:
+    """load_or_train of the race's model as soon as the other process is ready too: its info and EMA weights."""
+    torch.set_num_threads(1)
+    barrier.wait()
+    trained = cache.load_or_train(_race_config(), cache_dir=cache_dir, progress=False)
+    return {"info": trained.info, "weights": trained.model.state_dict()}
+
+
+def _race_child(cache_dir: str, out: str, barrier) -> None:
+    result = _load_or_train_at_once(cache_dir, barrier)
+    info = result["info"]
+    save_weights(out, result["weights"], {k: info[k] for k in ("cached", "checkpoint_hash", "steps")})
+
+
+def test_two_processes_asking_for_one_model_train_it_once(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a second interpreter, as a second notebook would be
+    barrier = ctx.Barrier(2)
+    child = ctx.Process(target=_race_child, args=(str(tmp_path / "cache"), str(tmp_path / "child.safetensors"), barrier))
+    child.start()
+    try:
+        mine = _load_or_train_at_once(str(tmp_path / "cache"), barrier)
+    finally:
+        child.join(120)
+    assert child.exitcode == 0
+    weights, theirs = load_weights(tmp_path / "child.safetensors")
+    assert sorted([mine["info"]["cached"], theirs["cached"]]) == [False, True]  # one trained, the other loaded
+    digest = config_hash(_race_config().to_dict())
+    assert mine["info"]["checkpoint_hash"] == theirs["checkpoint_hash"] == digest
+    assert mine["info"]["steps"] == theirs["steps"] == RACE_STEPS
+    for k, v in weights.items():
+        assert torch.equal(mine["weights"][k], v), k
+    entry = f"tiny-toy-{digest}"
+    assert _siblings(tmp_path / "cache") == [entry, f"{entry}.lock"]  # no stray .old-* or .tmp-* folders
+    assert ck.load_training_state(tmp_path / "cache" / entry)["state"]["step"] == RACE_STEPS

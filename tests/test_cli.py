@@ -65,8 +65,8 @@ def test_help_of_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         cli.main(["sample", "--help"])
     text = capsys.readouterr().out
-    for option in ("--checkpoint", "--sampler", "--steps", "--n", "--class", "--guidance-scale", "--classifier",
-                   "--seed", "--out"):
+    for option in ("--checkpoint", "--sampler", "--steps", "--n", "--class", "--labels", "--guidance-scale",
+                   "--classifier", "--seed", "--data-root", "--out", "--overwrite"):
         assert option in text
 
 
@@ -294,3 +294,139 @@ def test_train_without_the_dataset_is_one_line(tmp_path, capsys, monkeypatch):
     err = assert_usage_error(capsys, "train", "--preset", "mnist-gpu", "--out", tmp_path / "run", "--data-root",
                              tmp_path / "data", match="train on the offline digits 'mnist5k' (--preset mnist-cpu")
     assert "no network" in err and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nothing of the user's is overwritten: train --out, sample --out
+
+
+def test_train_refuses_a_folder_of_other_files_in_one_line_and_leaves_it_alone(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("my notes")
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "ddpm", "train", "--preset", "mnist-cpu", "--out", str(d)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("python -m ddpm train: ") and "choose an empty or new folder" in proc.stderr
+    assert (d / "notes.txt").read_text() == "my notes" and [p.name for p in d.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_train_checks_its_out_folder_before_any_work(tmp_path, capsys, monkeypatch):
+    import ddpm.data
+    import ddpm.train
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a refused --out must be refused before the data or the model")
+
+    monkeypatch.setattr(ddpm.train, "Trainer", no_work)
+    monkeypatch.setattr(ddpm.data, "load_dataset", no_work)
+    runs = tmp_path / "runs"
+    (runs / "other").mkdir(parents=True)
+    (runs / "notes.txt").write_text("mine")
+    (runs / "other" / "a.txt").write_text("mine too")
+    (tmp_path / "file").write_text("a file")
+    for out, match in [(runs, "is a folder that is not a ddpm checkpoint"), (tmp_path / "file", "is a file")]:
+        err = assert_usage_error(capsys, "train", "--preset", "toy2d", "--steps", "3", "--out", out, match=match)
+        assert err.rstrip().endswith("choose an empty or new folder")
+    (runs / "config.json").write_text('{"format": "not ours"}')  # a config.json is not enough to be a checkpoint
+    assert_usage_error(capsys, "train", "--preset", "toy2d", "--out", runs, match="not a ddpm checkpoint")
+    assert sorted(p.name for p in runs.iterdir()) == ["config.json", "notes.txt", "other"]
+    assert (runs / "other" / "a.txt").read_text() == "mine too" and (tmp_path / "file").read_text() == "a file"
+
+    monkeypatch.undo()  # an empty folder is a fine place for a new run
+    (tmp_path / "empty").mkdir()
+    code, out, err = run(capsys, "train", "--preset", "toy2d", "--steps", "2", "--out", tmp_path / "empty",
+                         "--no-progress")
+    assert code == 0 and err == "" and load_training_state(tmp_path / "empty")["state"]["step"] == 2
+
+
+def test_sample_checks_its_out_file_before_loading_the_model(tmp_path, capsys, monkeypatch, image_ckpt):
+    import ddpm.cache
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a bad --out must be refused before the model is loaded")
+
+    monkeypatch.setattr(ddpm.cache, "load_model", no_model)
+    base = ["sample", "--checkpoint", image_ckpt, "--steps", "2", "--n", "2", "--out"]
+    (tmp_path / "old.npz").write_bytes(b"earlier samples")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    assert_usage_error(capsys, *base, tmp_path / "old.npz",
+                       match="--out " + str(tmp_path / "old.npz") + " already exists; choose another name or pass "
+                             "--overwrite to replace it")
+    assert_usage_error(capsys, *base, tmp_path / "folder.png", match="is a folder; give a file name ending in .png")
+    assert_usage_error(capsys, *base, tmp_path / "folder.png", "--overwrite", match="is a folder")
+    assert_usage_error(capsys, *base, tmp_path / "notes.txt" / "a.png",
+                       match=f"its folder cannot be made, because {tmp_path / 'notes.txt'} is a file")
+    assert_usage_error(capsys, *base, tmp_path / "s.jpg", match="--out must end in .png or .npz")
+    import ddpm.samplefiles
+
+    monkeypatch.setattr(ddpm.samplefiles.os, "access", lambda path, mode: False)  # as for a read-only place
+    assert_usage_error(capsys, *base, tmp_path / "new" / "s.npz", match=f"the folder {tmp_path} is not writable")
+    monkeypatch.undo()
+    assert (tmp_path / "old.npz").read_bytes() == b"earlier samples"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.png", "notes.txt", "old.npz"]
+
+
+def test_sample_overwrites_only_when_asked_and_writes_atomically(tmp_path, capsys, monkeypatch, image_ckpt):
+    base = ["sample", "--checkpoint", image_ckpt, "--steps", "2", "--n", "3", "--class", "4"]
+    code, _, err = run(capsys, *base, "--seed", "0", "--out", tmp_path / "s.npz")
+    assert code == 0, err
+    with np.load(tmp_path / "s.npz") as f:
+        first = f["arr_0"]
+    code, _, err = run(capsys, *base, "--seed", "1", "--out", tmp_path / "s.npz", "--overwrite")
+    assert code == 0, err
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == first.shape and not np.array_equal(f["arr_0"], first)  # replaced
+        second = f["arr_0"]
+    code, _, err = run(capsys, *base, "--out", tmp_path / "sub" / "dir" / "grid.png")  # folders are made
+    assert code == 0 and (tmp_path / "sub" / "dir" / "grid.png").is_file(), err
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    err = assert_usage_error(capsys, *base, "--out", tmp_path / "s.npz", "--overwrite",
+                             match="cannot write it (No space left on device); the samples were not saved")
+    assert str(tmp_path / "s.npz") in err
+    monkeypatch.undo()
+    with np.load(tmp_path / "s.npz") as f:
+        assert np.array_equal(f["arr_0"], second)  # the earlier file is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "sub"]  # no temporary file left
+
+
+def test_sample_labels_random_and_cycle(tmp_path, capsys, image_ckpt):
+    base = ["sample", "--checkpoint", image_ckpt, "--steps", "2", "--n", "40", "--batch-size", "40"]
+    code, out, err = run(capsys, *base, "--labels", "random", "--seed", "5", "--out", tmp_path / "r.npz")
+    assert code == 0 and "labels drawn from the training set's class frequencies" in out, err
+    with np.load(tmp_path / "r.npz") as f:
+        labels = f["arr_1"]
+        assert f["arr_0"].shape == (40, 28, 28, 1)
+    assert labels.dtype == np.int64 and labels.shape == (40,) and labels.min() >= 0 and labels.max() <= 9
+    from ddpm.data import class_frequencies, draw_labels
+
+    want = draw_labels(40, class_frequencies("mnist5k"), torch.Generator().manual_seed(5))
+    assert labels.tolist() == want.tolist()  # the seed fixes the labels as it fixes the samples
+    assert labels.tolist() != [i % 10 for i in range(40)]
+
+    code, out, _ = run(capsys, *base, "--labels", "cycle", "--out", tmp_path / "c.npz")
+    assert code == 0 and "classes cycled" in out
+    with np.load(tmp_path / "c.npz") as f:
+        assert f["arr_1"].tolist() == [i % 10 for i in range(40)]
+
+    assert_usage_error(capsys, *base, "--labels", "random", "--class", "3", "--out", tmp_path / "x.npz",
+                       match="argument --class: not allowed with argument --labels")
+    assert_usage_error(capsys, *base, "--labels", "every", "--out", tmp_path / "x.npz", match="invalid choice: 'every'")
+    from ddpm.data import load_dataset
+
+    x, _ = load_dataset("mnist5k", split="test", n=16)
+    uncond = {**TINY_UNET, "learn_sigma": False, "num_classes": None}
+    config = TrainConfig(name="cli-uncond", model=uncond, dataset="mnist5k", schedule="cosine", T=10, batch_size=8,
+                         steps=1)
+    Trainer(config, out_dir=tmp_path / "uncond", data=(x, None), progress=False).fit()
+    assert_usage_error(capsys, "sample", "--checkpoint", tmp_path / "uncond", "--labels", "random", "--out",
+                       tmp_path / "x.npz", match="--labels needs a class-conditional model or --classifier")
+    assert not (tmp_path / "x.npz").exists()

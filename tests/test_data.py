@@ -224,3 +224,50 @@ def test_only_cifar10_is_flipped():
     unchanged = torch.tensor([torch.equal(o, i) for o, i in zip(out, x)])
     assert (flipped | unchanged).all() and flipped.any() and unchanged.any()
     assert torch.equal(out, augment("cifar10", x, torch.Generator().manual_seed(0)))  # seeded
+
+
+def test_class_frequencies_of_the_training_split():
+    from ddpm.data import MNIST5K_TEST_PER_CLASS, class_frequencies
+
+    f = class_frequencies("mnist5k")
+    _, y = load_dataset("mnist5k", split="train")
+    counts = np.bincount(y.numpy(), minlength=10)
+    assert f.dtype == torch.float64 and f.shape == (10,)
+    assert f.sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert torch.equal(f, torch.from_numpy(counts / counts.sum()))
+    # 500 digits of each class, of which the last MNIST5K_TEST_PER_CLASS are held out: a tenth each
+    assert counts.tolist() == [500 - MNIST5K_TEST_PER_CLASS] * 10 and torch.allclose(f, torch.full((10,), 0.1,
+                                                                                             dtype=torch.float64))
+    moons = class_frequencies("moons")  # a toy set with labels: the share of each moon in the default draw
+    _, y = load_dataset("moons")
+    assert moons.tolist() == pytest.approx([(y == 0).double().mean().item(), (y == 1).double().mean().item()])
+    with pytest.raises(ValueError, match="'swiss_roll' has no class labels; class frequencies need a labelled"):
+        class_frequencies("swiss_roll")
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        class_frequencies("imagenet")
+
+
+def test_draw_labels_is_seeded_and_its_frequencies_converge():
+    from ddpm.data import draw_labels
+
+    f = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    a = draw_labels(20_000, f, torch.Generator().manual_seed(3))
+    b = draw_labels(20_000, f, torch.Generator().manual_seed(3))
+    assert a.dtype == torch.int64 and a.shape == (20_000,) and torch.equal(a, b)
+    assert not torch.equal(a, draw_labels(20_000, f, torch.Generator().manual_seed(4)))
+    assert int(a.min()) >= 0 and int(a.max()) <= 3
+    # Pearson's chi-square of the counts against n f, 3 degrees of freedom: below 16.27, its 99.9% quantile
+    observed = torch.bincount(a, minlength=4).double()
+    expected = 20_000 * f
+    assert ((observed - expected) ** 2 / expected).sum().item() < 16.27
+    # and each share within 4 binomial standard errors
+    se = (f * (1 - f) / 20_000).sqrt()
+    assert ((observed / 20_000 - f).abs() < 4 * se).all()
+    # shares that do not sum to 1 are normalised; a class of share 0 is never drawn
+    c = draw_labels(5_000, [2.0, 0.0, 2.0], torch.Generator().manual_seed(0))
+    assert set(c.tolist()) == {0, 2}
+    for n, freq, match in [(0, f, "n must be a positive integer"), (3, [0.5, -0.1], "one number >= 0 per class"),
+                           (3, [[0.5, 0.5]], "one number >= 0 per class"), (3, [0.0, 0.0], "positive sum"),
+                           (3, [float("nan"), 1.0], "one number >= 0 per class")]:
+        with pytest.raises(ValueError, match=match):
+            draw_labels(n, freq)

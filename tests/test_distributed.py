@@ -81,4 +81,50 @@ def test_two_processes_stay_identical_shard_data_and_only_rank0_writes(tmp_path)
     for k, v in state["model"].items():
         assert torch.equal(v, w0[f"model.{k}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank0.safetensors", "rank1.json",
-                                                          "rank1.safetensors", "run"]
+                                                          "rank1.safetensors", "run", "run.lock"]
+
+
+def _interrupted_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """Rank 1 alone gets Ctrl-C (a real SIGINT) at the end of step 2; both ranks report where they stopped."""
+    import datetime
+    import os
+    import signal
+
+    from ddpm.data import load_dataset
+    from ddpm.train import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+
+    def ctrl_c_on_rank_1(trainer, metrics):
+        if rank == 1 and metrics["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    config = _config()
+    trainer = Trainer(TrainConfig.from_dict({**config.to_dict(), "steps": 8, "checkpoint_every": 0}),
+                      out_dir=f"{folder}/run", data=load_dataset("moons", n=64, seed=1), progress=False,
+                      callbacks=[ctrl_c_on_rank_1])
+    outcome = "finished"
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    with open(f"{folder}/stop{rank}.json", "w") as f:
+        json.dump({"outcome": outcome, "step": trainer.step, "saved": trainer.last_checkpoint_step}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed/gloo")
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    # the request of rank 1 reaches rank 0 through the all-reduce of step 3: both stop after step 3 and rank 0 writes
+    # the checkpoint of that step (acting on it alone at step 2 would leave rank 0 waiting in the next all-reduce)
+    mp.start_processes(_interrupted_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    r0 = json.loads((tmp_path / "stop0.json").read_text())
+    r1 = json.loads((tmp_path / "stop1.json").read_text())
+    assert r0["outcome"] == r1["outcome"] == "interrupted"
+    assert r0["step"] == r1["step"] == 3
+    assert r0["saved"] == 3  # rank 0 wrote the checkpoint of the agreed step; rank 1 skipped it with it
+    state = load_training_state(tmp_path / "run")
+    assert state["state"]["step"] == 3 and state["state"]["world_size"] == 2

@@ -197,6 +197,25 @@ def test_cached_samples_are_drawn_once_per_model_and_settings(tmp_path, monkeypa
         cached_samples(model, draw, sampler="ddim")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_cached_samples_come_back_on_the_cpu_when_drawn_and_when_loaded(tmp_path, monkeypatch, device):
+    from ddpm.cache import TrainedModel, cached_samples
+
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path))
+    model = TrainedModel(model=None, raw_model=None, schedule=None, config=None, history={},
+                         info={"checkpoint_hash": "abc"})
+    made = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    drawn, _ = cached_samples(model, lambda: made.to(device), sampler="ddim", steps=4, seed=0)
+
+    def fail():
+        raise AssertionError("the samples should come from the cache")
+
+    loaded, _ = cached_samples(model, fail, sampler="ddim", steps=4, seed=0)
+    assert drawn.device.type == loaded.device.type == "cpu"
+    assert torch.equal(drawn, made) and torch.equal(loaded, made)
+
+
 def test_cached_ddim_samples_names_one_shared_set_per_weights(tmp_path, monkeypatch):
     from ddpm.cache import TrainedModel, cached_ddim_samples, cached_samples
     from ddpm.samplers import ddim_sample

@@ -60,7 +60,9 @@ def test_no_import_loop():
 
 def test_the_file_layer_and_the_data_sit_below_the_trainer_and_the_cache():
     g = graph()
-    assert g["checkpoint"] <= {"rng"}, g["checkpoint"]  # file I/O only, with the random states it saves
+    # file I/O only, with the random states it saves, atomic writes and the lock beside each checkpoint
+    assert g["checkpoint"] <= {"rng", "atomic", "locking"}, g["checkpoint"]
+    assert g["atomic"] <= {"locking"} and g["locking"] == set()
     assert g["paths"] == g["rng"] == g["distributed"] == set()
     assert "checkpoint" not in g["data"] and "cache" not in g["data"]
     assert "train" in g["cache"] and "cache" not in g["train"]

@@ -6,8 +6,9 @@ DDPM (Ho et al. 2020), Improved DDPM (Nichol & Dhariwal 2021) and guided diffusi
 bound's terms), ``samplers`` (ancestral, respaced, DDIM, Heun, DPM-Solver++) and ``spacing`` (the steps they visit),
 ``likelihood`` (bits/dim), ``guidance``, ``digit_classifier``, ``fid``, ``memorisation`` and ``metrics``
 (evaluation), ``samplefiles``, ``data``, ``paths``, ``rng``, ``distributed``, ``trainconfig``, ``optim``,
-``callbacks``, ``train`` and ``resume`` (training), ``checkpoint`` (files), ``cache`` (trained models, above the
-trainer), ``presets``, ``plotting`` and ``book`` (what the book's notebooks share: glue, verdicts, tables).
+``callbacks``, ``train`` and ``resume`` (training), ``atomic``, ``locking`` and ``checkpoint`` (files), ``cache``
+(trained models, above the trainer), ``presets``, ``plotting`` and ``book`` (what the book's notebooks share: glue,
+verdicts, tables).
 """
 
 __version__ = "0.3.0"

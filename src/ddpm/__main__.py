@@ -9,6 +9,7 @@ Examples::
     python -m ddpm train --preset mnist-cpu --out runs/mnist-cpu
     python -m ddpm sample --checkpoint runs/mnist-cpu --sampler ddim --steps 50 --n 64 --out grid.png
     python -m ddpm sample --checkpoint runs/mnist-cpu --sampler ddim --steps 50 --n 1000 --out samples.npz
+    python -m ddpm sample --checkpoint runs/mnist-cpu --guidance-scale 2 --labels random --n 1000 --out cfg.npz
     python -m ddpm nll --checkpoint runs/mnist-cpu --n 100 --timesteps 50
     python -m ddpm evaluate --samples samples.npz
 """
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a preset configuration. Ctrl-C saves a resumable checkpoint.")
     p.add_argument("--preset", required=True, help=", ".join(PRESET_NAMES))
     p.add_argument("--steps", type=_positive("--steps"), help="override the preset's number of steps")
-    p.add_argument("--out", type=Path, help="checkpoint directory (default: runs/<preset>)")
+    p.add_argument("--out", type=Path, help="checkpoint folder: new, empty, or (with --resume) a checkpoint; a file "
+                   "or a folder of other files is refused (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     p.add_argument("--data-root", type=Path, help="torchvision dataset folder (default: $DDPM_DATA or .cache/data)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -89,14 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive("--steps"),
                    help="sampling steps (default: all T for ddpm and ddim, 18 noise levels for heun, 20 for dpm++2m)")
     p.add_argument("--n", type=_positive("--n"), default=64, help="number of samples (default 64)")
-    p.add_argument("--class", dest="label", type=_nonneg_int, help="class label of every sample")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--class", dest="label", type=_nonneg_int, help="class label of every sample")
+    labels.add_argument("--labels", choices=("random", "cycle"),
+                        help="labels of class-conditional samples: random draws each one from the class frequencies "
+                        "of the model's training set (as ADM and DiT sample for FID), cycle takes 0, 1, ..., K-1 in "
+                        "turn (the default with --guidance-scale); written to arr_1 of an .npz")
     p.add_argument("--guidance-scale", type=_nonneg_float,
                    help="classifier-free guidance scale w (or the classifier scale with --classifier)")
     p.add_argument("--classifier", type=Path, help="noise-aware classifier checkpoint for classifier guidance")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=256, help="samples per batch")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--out", required=True, type=Path, help="output file, .png or .npz")
+    p.add_argument("--data-root", type=Path, help="torchvision dataset folder (read by --labels random)")
+    p.add_argument("--out", required=True, type=Path, help="output file, .png or .npz (checked before sampling)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
 
     p = sub.add_parser("nll", help="negative log-likelihood in bits/dim on held-out data",
                        description="Negative log-likelihood bound in bits/dim of the EMA model on the first N "
@@ -140,7 +149,20 @@ def _device(name):
     return device
 
 
+def _check_train_out(out: Path, resume: bool) -> None:
+    """Refuse an --out that training would have to overwrite, before any work (the library refuses it too)."""
+    from .checkpoint import is_checkpoint, refuse_foreign
+
+    if resume and not (out / "config.json").exists():
+        raise UsageError(f"--resume: no checkpoint in {out}; drop --resume to start a new run")
+    if not resume and is_checkpoint(out):
+        raise UsageError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    if not resume:
+        refuse_foreign(out)  # a file, or a folder of other files: one line naming the fix
+
+
 def cmd_train(args) -> int:
+    from .callbacks import PreviewPNGWriter
     from .checkpoint import check_config, read_checkpoint_header
     from .presets import get_preset
     from .train import Trainer, TrainingDiverged, resume_free_keys, setup_distributed
@@ -150,18 +172,14 @@ def cmd_train(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None  # main() names the command
     out = args.out if args.out is not None else Path("runs") / args.preset
-    exists = (out / "config.json").exists()
-    if args.resume and not exists:
-        raise UsageError(f"--resume: no checkpoint in {out}; drop --resume to start a new run")
-    if not args.resume and exists:
-        raise UsageError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    _check_train_out(out, args.resume)
     if args.resume:  # a clear error for a broken or foreign checkpoint before anything is built
         check_config(out, read_checkpoint_header(out)["config"], config.to_dict(), ignore=resume_free_keys(config))
     distributed = setup_distributed()
     device = _device(args.device) if args.device else None
     trainer = Trainer(config, out_dir=out, device=device, progress=False if args.no_progress else None,
                       preset=args.preset, data_root=args.data_root,
-                      callbacks=[_PreviewWriter(out)] if config.preview_every else [])
+                      callbacks=[PreviewPNGWriter(out)] if config.preview_every else [])
     if args.resume:
         trainer.load()
     try:
@@ -194,32 +212,38 @@ def cmd_train(args) -> int:
     return 0
 
 
-class _PreviewWriter:
-    """Saves each preview grid as ``<out>.previews/step_<k>.png`` (outside the atomically swapped checkpoint)."""
+def _sample_labels(args, dataset: str, num_classes, guidance, device):
+    """The labels ``[n]`` of the samples (None: unconditional): --class, --labels, or cycled under guidance."""
+    import torch
 
-    def __init__(self, out: Path):
-        self.folder = out.with_name(out.name + ".previews")
+    if args.label is not None:
+        return torch.full((args.n,), args.label, dtype=torch.long, device=device)
+    if args.labels == "random":
+        from .data import class_frequencies, draw_labels
 
-    def on_preview(self, trainer, samples):
-        if samples.ndim == 4:
-            from .plotting import save_png_grid
-
-            self.folder.mkdir(parents=True, exist_ok=True)
-            save_png_grid(samples, self.folder / f"step_{trainer.step:07d}.png")
+        frequencies = class_frequencies(dataset, root=args.data_root)
+        if len(frequencies) != num_classes:
+            raise UsageError(f"--labels random: {dataset} has {len(frequencies)} classes, the model or classifier "
+                             f"{num_classes}")
+        return draw_labels(args.n, frequencies, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    if args.labels == "cycle" or guidance is not None:
+        return (torch.arange(args.n) % num_classes).to(device)
+    return None
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
     import torch
 
     from .cache import load_autoencoder, load_model
     from .data import dataset_info
+    from .samplefiles import check_output_path, save_samples
     from .samplers import nfe, sample_in_batches
     from .schedule import NoiseSchedule
 
-    suffix = args.out.suffix.lower()
-    if suffix not in (".png", ".npz"):
-        raise UsageError(f"--out must end in .png or .npz, got {args.out}")
+    try:  # before the model is loaded, so that a bad place costs nothing and nothing is lost
+        check_output_path(args.out, overwrite=args.overwrite, name="--out")
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: {exc.strerror or exc}") from None
     device = _device(args.device)
     model, config, _ = load_model(args.checkpoint, device=device)
     info = dataset_info(config.dataset)
@@ -241,12 +265,12 @@ def cmd_sample(args) -> int:
     num_classes = config.num_classes
     if num_classes is None and classifier is not None:
         num_classes = int(getattr(getattr(classifier, "config", None), "num_classes", 10))
-    if args.label is not None:
-        if num_classes is None:
-            raise UsageError(f"--class needs a class-conditional model or --classifier; {args.checkpoint} is "
-                             "unconditional")
-        if args.label >= num_classes:
-            raise UsageError(f"--class must be in 0..{num_classes - 1}, got {args.label}")
+    chosen = "--class" if args.label is not None else ("--labels" if args.labels is not None else None)
+    if chosen is not None and num_classes is None:
+        raise UsageError(f"{chosen} needs a class-conditional model or --classifier; {args.checkpoint} is "
+                         "unconditional")
+    if args.label is not None and args.label >= num_classes:
+        raise UsageError(f"--class must be in 0..{num_classes - 1}, got {args.label}")
 
     guidance = None
     if classifier is not None:
@@ -262,10 +286,7 @@ def cmd_sample(args) -> int:
 
         guidance = ClassifierFreeGuidance(args.guidance_scale)
 
-    y = None
-    if args.label is not None or guidance is not None:
-        y = (torch.full((args.n,), args.label, dtype=torch.long) if args.label is not None
-             else torch.arange(args.n) % num_classes).to(device)
+    y = _sample_labels(args, config.dataset, num_classes, guidance, device)
     generator = torch.Generator(device).manual_seed(args.seed)
     # ancestral steps use the variance the model was trained with (fixed_large, fixed_small or learned)
     variance = {"var_type": config.resolved_var_type} if args.sampler == "ddpm" else {}
@@ -279,20 +300,15 @@ def cmd_sample(args) -> int:
             from .autoencoder import decode_in_batches
 
             x = decode_in_batches(autoencoder, x, args.batch_size)
-    if suffix == ".png":
-        from .plotting import save_png_grid
-
-        save_png_grid(x, args.out)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        from .plotting import to_uint8
-
-        arrays = {"arr_0": to_uint8(x)}
-        if y is not None:
-            arrays["arr_1"] = y.cpu().numpy()
-        np.savez(args.out, **arrays)
+    try:
+        save_samples(args.out, x, y if args.out.suffix.lower() == ".npz" else None, overwrite=args.overwrite)
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: cannot write it ({exc.strerror or type(exc).__name__}); the samples "
+                         "were not saved") from None
     steps = nfe(args.sampler, args.steps, config.T)
-    what = f"class {args.label}" if args.label is not None else ("classes cycled" if y is not None else "unconditional")
+    what = (f"class {args.label}" if args.label is not None else
+            "labels drawn from the training set's class frequencies" if args.labels == "random" else
+            "classes cycled" if y is not None else "unconditional")
     g = f", guidance scale {guidance.scale}" if guidance is not None else ""
     print(f"wrote {args.n} samples ({args.sampler}, {steps} network evaluations, {what}{g}, seed {args.seed}) "
           f"to {args.out}")

@@ -9,7 +9,7 @@ x_0 prediction are known in closed form. :class:`GaussianMixtureEps` is that opt
 signature of the networks, ``model(x, t, y)``, so that every sampler, guidance and the likelihood code run on
 it unchanged. The label ``y = k`` selects component k (the class-conditional model); ``y = K`` (the null
 label, ``config.num_classes``) or ``y = None`` is the whole mixture, which is what classifier-free guidance
-needs. The book uses it for figures that need a perfect model and the tests use it to pin samplers to the
+needs. Labels are integers ``[N]``, one per point; any other label is refused with a ``ValueError``. The book uses it for figures that need a perfect model and the tests use it to pin samplers to the
 exact probability-flow ODE (:func:`gaussian_ode_solution`).
 """
 
@@ -60,6 +60,21 @@ class GaussianMixtureEps(nn.Module):
     def num_components(self) -> int:
         return self.means.shape[0]
 
+    def _labels(self, y, n: int, null: bool) -> Tensor:
+        """``y`` as int64 ``[n]`` after checking it: one integer label per point, each a component 0..K-1, or K
+        (the null label: the whole mixture) where ``null``; anything else raises a one-line ValueError."""
+        k = self.num_components
+        top, what = (k, f"components 0..{k - 1} or the null label {k}") if null else (k - 1, f"components 0..{k - 1}")
+        y = torch.as_tensor(y)
+        if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+            raise ValueError(f"y must hold integer class labels ({what}), got dtype {y.dtype}")
+        if y.shape != (n,):
+            raise ValueError(f"y must hold one label per point, shape [{n}], got shape {tuple(y.shape)}")
+        if n and (int(y.min()) < 0 or int(y.max()) > top):
+            raise ValueError(f"y must hold {what} of this {k}-component mixture, got labels from {int(y.min())} "
+                             f"to {int(y.max())}")
+        return y.long()
+
     def _log_resp_and_terms(self, x: Tensor, t: Tensor, y: Tensor | None):
         """Per-component log weight x density [N, K], means [N, K, d] and variances [N, K] of q(x_t | k)."""
         xd = x.reshape(x.shape[0], -1).to(torch.float64)
@@ -70,7 +85,7 @@ class GaussianMixtureEps(nn.Module):
         sq = ((xd.unsqueeze(1) - mean) ** 2).sum(-1)
         logp = self.weights.to(x.device).log() - 0.5 * sq / var - 0.5 * d * torch.log(2 * math.pi * var)
         if y is not None:
-            y = y.long().to(x.device)
+            y = self._labels(y, x.shape[0], null=True).to(x.device)
             k = self.num_components
             pick = torch.nn.functional.one_hot(y.clamp(max=k - 1), k).bool() | (y == k).unsqueeze(1)
             logp = logp.masked_fill(~pick, -math.inf)
@@ -95,9 +110,11 @@ class GaussianMixtureEps(nn.Module):
         return (-scale * self.score(x, t, y).to(torch.float64)).to(x.dtype)
 
     def sample_data(self, n: int, generator: torch.Generator | None = None, y: Tensor | None = None) -> Tensor:
-        """n draws of x_0 ``[n, d]``, from component y[i] where given, else from the mixture."""
+        """n draws of x_0 ``[n, d]``, from component y[i] where given (``[n]`` in 0..K-1), else from the mixture."""
         if y is None:
             y = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        else:
+            y = self._labels(y, n, null=False).to(self.means.device)
         z = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
         return (self.means[y] + self.stds[y].unsqueeze(1) * z).float()
 

@@ -15,14 +15,17 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
-from .checkpoint import (CONFIG_FILE, STATE_FILE, CheckpointError, _read_json, _recover, autoencoder_state_from_extra,
+from .atomic import recover_swap
+from .checkpoint import (CONFIG_FILE, STATE_FILE, CheckpointError, _read_json, autoencoder_state_from_extra,
                          check_config, config_hash, load_weights, package_version, previews_from_extra,
-                         read_checkpoint_header)
+                         is_checkpoint, read_checkpoint_header, read_consistently)
+from .locking import holding_lock, lock_path
 from .paths import cache_dir, project_root
 from .presets import get_preset, profile
 from .rng import capture_rng_state, restore_rng_state
@@ -67,7 +70,7 @@ def load_autoencoder(directory: str | os.PathLike, config=None, *, device: str |
         config = TrainConfig.from_dict(read_checkpoint_header(directory)["config"])
     if not config.is_latent:
         return None
-    extra, _ = load_weights(directory / "extra.safetensors")
+    extra = read_consistently(directory, lambda: load_weights(directory / "extra.safetensors")[0])
     model = _autoencoder_from_extra(directory, config, extra)
     return model.to(device) if device is not None else model
 
@@ -75,18 +78,23 @@ def load_autoencoder(directory: str | os.PathLike, config=None, *, device: str |
 def load_model(directory: str | os.PathLike, *, ema: bool = True, device: str | torch.device | None = None):
     """Rebuild the network of a training checkpoint: returns ``(model in eval mode, TrainConfig, state dict)``.
 
-    ``ema=True`` loads the exponential moving average of the weights (what sampling should use).
+    ``ema=True`` loads the exponential moving average of the weights (what sampling should use). Safe while a
+    trainer writes the checkpoint: the weights, configuration and state all come from one checkpoint.
     """
     directory = Path(directory)
-    header = read_checkpoint_header(directory)
-    try:
-        config = TrainConfig.from_dict(header["config"])
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint {directory} holds an unusable configuration: {exc}") from None
-    model = _load_network(directory, "ema.safetensors" if ema else "model.safetensors", config)
+
+    def read():
+        header = read_checkpoint_header(directory)
+        try:
+            config = TrainConfig.from_dict(header["config"])
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {directory} holds an unusable configuration: {exc}") from None
+        model = _load_network(directory, "ema.safetensors" if ema else "model.safetensors", config)
+        return model, config, _read_json(directory / STATE_FILE)
+
+    model, config, state = read_consistently(directory, read)
     if device is not None:
         model.to(device)
-    state = _read_json(directory / STATE_FILE)
     state.pop("rng", None)
     return model, config, state
 
@@ -172,7 +180,9 @@ def load_or_train(
     package version, so any change trains a new model and a rebuild reuses the old one. A run that was
     interrupted (Ctrl-C) is resumed exactly. ``steps`` overrides the configuration's number of steps.
     The global random generators (torch, Python, NumPy) are left as they were found, so a notebook draws the
-    same numbers afterwards whether the model was cached or trained.
+    same numbers afterwards whether the model was cached or trained. The entry's lock ``<entry>.lock``
+    (``ddpm.locking``) is held throughout: a second process that asks for the same model waits (saying so once on
+    stderr) and then loads what the first trained.
     """
     name, config = _resolve_config(preset_or_config)
     if steps is not None:
@@ -183,31 +193,42 @@ def load_or_train(
     root = Path(cache_dir) if cache_dir is not None else _default_cache()
     digest = config_hash(config.to_dict())
     directory = root / f"{name}-{digest}"
-    _recover(directory)
+    waiting = f"waiting for another process that is training or loading {directory} (lock {lock_path(directory)})"
 
     # Building and training a network draws from the global random generators; put them back afterwards so that
     # a notebook behaves the same whether its model came from the cache or was just trained.
     rng_tensors, rng_meta = capture_rng_state()
     try:
-        if (directory / CONFIG_FILE).exists():
-            try:
-                cached = _finished_model(directory, config, name, digest, device)
-            except CheckpointError:
-                cached = None  # an unusable entry (e.g. a truncated file) is resumed or trained again below
-            if cached is not None:
-                return cached
-        trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress, preset=name)
-        if (directory / CONFIG_FILE).exists():
-            try:
-                trainer.load(directory)  # an interrupted run: resume it exactly
-            except CheckpointError as exc:
-                _retraining(exc)
-                trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress,
-                                  preset=name)
-        trainer.fit()
-        return trained_model(trainer, digest)
+        with holding_lock(directory, waiting):  # one process trains an entry; the others wait and load it
+            return _load_or_train_locked(directory, config, name, digest, device, callbacks, progress)
     finally:
         restore_rng_state(rng_tensors, rng_meta)
+
+
+def _load_or_train_locked(directory: Path, config, name: str, digest: str, device, callbacks, progress):
+    """The body of :func:`load_or_train`, run while holding the lock of ``directory``."""
+    recover_swap(directory)
+    if directory.exists() and not is_checkpoint(directory):  # e.g. a truncated config.json: keep it, out of the way
+        aside = directory.with_name(f"{directory.name}.unusable-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(directory, aside)
+        _retraining(CheckpointError(f"{directory} is not a usable checkpoint (moved to {aside.name})"))
+    if (directory / CONFIG_FILE).exists():
+        try:
+            cached = _finished_model(directory, config, name, digest, device)
+        except CheckpointError:
+            cached = None  # an unusable entry (e.g. a truncated file) is resumed or trained again below
+        if cached is not None:
+            return cached
+    trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress, preset=name)
+    if (directory / CONFIG_FILE).exists():
+        try:
+            trainer.load(directory)  # an interrupted run: resume it exactly
+        except CheckpointError as exc:
+            _retraining(exc)
+            trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress,
+                              preset=name)
+    trainer.fit()
+    return trained_model(trainer, digest)
 
 
 def _retraining(exc: CheckpointError) -> None:
@@ -285,10 +306,9 @@ def cached_samples(trained: TrainedModel, draw, **settings) -> tuple[torch.Tenso
     ``draw()`` draws the samples; ``settings`` must name everything that determines them (sampler, steps,
     variance, number, seeds, guidance...), because together with the checkpoint's hash they are the key of the
     file in ``<cache>/samples/``. Two pages that ask for the same samples with the same settings draw them once:
-    the second gets the first's tensor and its recorded drawing time. A corrupt file is drawn again.
+    the second gets the first's tensor and its recorded drawing time. A corrupt file is drawn again. The samples
+    come back on the CPU either way (wherever ``draw`` made them).
     """
-    import time
-
     from .checkpoint import save_weights
 
     key = json.loads(json.dumps({"checkpoint": trained.info.get("checkpoint_hash"), **settings}, sort_keys=True))
@@ -304,10 +324,10 @@ def cached_samples(trained: TrainedModel, draw, **settings) -> tuple[torch.Tenso
         except (CheckpointError, KeyError, TypeError, ValueError):
             pass  # unreadable or another key: draw again and replace it
     start = time.perf_counter()
-    samples = draw()
+    samples = draw().detach().cpu().contiguous()
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(path, {"samples": samples.detach().cpu().contiguous()}, {**key, "seconds": seconds})
+    save_weights(path, {"samples": samples}, {**key, "seconds": seconds})
     return samples, seconds
 
 

@@ -17,7 +17,7 @@ import torch
 if TYPE_CHECKING:  # only for annotations: the trainer imports this module, not the reverse
     from .train import Trainer
 
-__all__ = ["Callback", "as_callback", "progress_bar", "progress_enabled"]
+__all__ = ["Callback", "PreviewPNGWriter", "as_callback", "progress_bar", "progress_enabled"]
 
 
 def _batch_ancestor() -> str | None:
@@ -106,6 +106,21 @@ class Callback:
     def on_checkpoint(self, trainer: "Trainer", path: Path) -> None: ...
 
     def on_train_end(self, trainer: "Trainer") -> None: ...
+
+
+class PreviewPNGWriter(Callback):
+    """Saves each preview grid of images as ``<out>.previews/step_<k>.png``, beside the checkpoint folder ``out``
+    (never inside it: the checkpoint is swapped whole at every save)."""
+
+    def __init__(self, out: Path):
+        self.folder = Path(out).with_name(Path(out).name + ".previews")
+
+    def on_preview(self, trainer: "Trainer", samples: torch.Tensor) -> None:
+        if samples.ndim == 4:
+            from .plotting import save_png_grid
+
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_png_grid(samples, self.folder / f"step_{trainer.step:07d}.png")
 
 
 class _FunctionCallback(Callback):

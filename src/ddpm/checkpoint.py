@@ -17,7 +17,9 @@ trainer). Two layers:
   ========================  ==========================================================================
 
   The directory is written next to its final place and swapped in with ``os.replace``, each rename synced to
-  disk, so a crash or a power cut while saving leaves the previous checkpoint intact.
+  disk, so a crash or a power cut while saving leaves the previous checkpoint intact (``ddpm.atomic``). The swap
+  holds the lock ``<directory>.lock`` (``ddpm.locking``); readers wait out a swap instead of seeing half of one. A
+  save replaces only an earlier checkpoint or an empty folder, never a folder of other files.
 
 Every failure to read a checkpoint (missing, truncated, corrupt, trained with another configuration) raises
 :class:`CheckpointError`, a ``ValueError`` whose one-line message names the file and the fix.
@@ -29,13 +31,14 @@ import hashlib
 import json
 import os
 import shutil
-import time
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import torch
 
+from . import atomic
+from .atomic import atomic_write, fsync_path, recover_swap, swap_folder, tmp_sibling
+from .locking import holding_lock
 from .rng import capture_rng_state, restore_rng_state
 
 __all__ = [
@@ -45,12 +48,14 @@ __all__ = [
     "config_hash",
     "load_training_state",
     "load_weights",
+    "is_checkpoint",
     "package_version",
     "previews_from_extra",
     "save_training_state",
     "save_weights",
     "check_config",
     "read_checkpoint_header",
+    "read_consistently",
 ]
 
 FORMAT_NAME = "ddpm-checkpoint"
@@ -98,41 +103,9 @@ def config_hash(config: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)  # the rename itself is durable only once the folder is synced
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_json(path: Path, obj: Any) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True)
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
 
 
 def _read_json(path: Path) -> Any:
@@ -179,7 +152,7 @@ def save_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], c
         "ddpm_version": package_version(),
     }
     plain = _plain_tensors(tensors)
-    _atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=metadata))
     return path
 
 
@@ -267,13 +240,23 @@ def _optimizer_from_files(tensors: Mapping[str, torch.Tensor], meta: Mapping[str
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _recover(directory: Path) -> None:
-    """Finish an interrupted swap: if ``directory`` is missing but its previous version was set aside, restore it."""
-    if directory.exists():
+def is_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` is a ddpm checkpoint: a folder whose ``config.json`` parses and says
+    ``"format": "ddpm-checkpoint"`` (the only kind of folder a save ever replaces)."""
+    try:
+        header = json.loads((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT_NAME
+
+
+def refuse_foreign(directory: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``directory`` is new, an empty folder or a ddpm checkpoint."""
+    if not directory.exists() or (directory.is_dir() and (is_checkpoint(directory) or not any(directory.iterdir()))):
         return
-    olds = sorted(directory.parent.glob(f".{directory.name}.old-*")) if directory.parent.is_dir() else []
-    if olds:
-        os.replace(olds[-1], directory)
+    kind = "a folder that is not a ddpm checkpoint" if directory.is_dir() else "a file"
+    raise CheckpointError(f"{directory} is {kind}, and a checkpoint replaces only an earlier checkpoint, so nothing "
+                          "was written there; choose an empty or new folder")
 
 
 def save_training_state(
@@ -292,16 +275,21 @@ def save_training_state(
     ``model`` and ``ema`` are state dicts, ``optimizer`` is ``optimizer.state_dict()``, ``state`` is a
     JSON-serialisable dict (must hold ``"step"``), ``extra_tensors`` are saved in ``extra.safetensors``
     (e.g. the importance sampler's loss history). The global random states are captured here.
+
+    ``directory`` may be new, an empty folder or an earlier ddpm checkpoint (:func:`is_checkpoint`); anything else
+    raises :class:`CheckpointError` and is left untouched. The swap runs under the lock ``<directory>.lock``
+    (``ddpm.locking``); if the final rename fails, the complete new checkpoint is kept and the error names it.
     """
     directory = Path(directory)
     if "step" not in state:
         raise ValueError("state must hold 'step'")
+    refuse_foreign(directory)  # before any work
     directory.parent.mkdir(parents=True, exist_ok=True)
-    _recover(directory)
     config = dict(config)
     digest = config_hash(config)
-    tmp = _tmp_sibling(directory)
+    tmp = tmp_sibling(directory)
     tmp.mkdir()
+    keep = False
     try:
         header = {
             "format": FORMAT_NAME,
@@ -321,29 +309,34 @@ def save_training_state(
         save_weights(tmp / "rng.safetensors", rng_tensors, config)
         save_weights(tmp / "extra.safetensors", dict(extra_tensors or {}), config)
         _write_json(tmp / STATE_FILE, {**dict(state), "rng": rng_meta, "config_hash": digest})
-        # Swap: set the old checkpoint aside, move the new one in, then delete the old one. Each rename is made
-        # durable (the parent folder synced) before the next step, so a power cut leaves the old checkpoint or
-        # the new one on disk, never neither.
-        _fsync(tmp)
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{int(time.time() * 1e6):020d}")
-            os.replace(directory, old)
-            _fsync(directory.parent)
-        os.replace(tmp, directory)
-        _fsync(directory.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_path(tmp)
+        # the swap (ddpm.atomic.swap_folder): a power cut leaves the old checkpoint or the new one, never neither
+        with holding_lock(directory):
+            recover_swap(directory)
+            refuse_foreign(directory)  # again, now that no other writer can change it
+            try:
+                swap_folder(tmp, directory)
+            except OSError as exc:
+                keep = True
+                raise CheckpointError(f"could not move the new checkpoint into {directory} "
+                                      f"({exc.strerror or type(exc).__name__}); it is kept, complete, in {tmp}: "
+                                      f"move it to {directory} by hand") from None
     finally:
-        if tmp.exists():
+        if not keep and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
-def read_checkpoint_header(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``config.json`` of a training checkpoint (raises :class:`CheckpointError` when unusable)."""
-    directory = Path(directory)
-    _recover(directory)
+_T = TypeVar("_T")
+
+
+def read_consistently(directory: str | os.PathLike, read: Callable[[], _T]) -> _T:
+    """``read()`` of files in the checkpoint ``directory``, all from one checkpoint even while a writer swaps in a
+    new one (:func:`ddpm.atomic.read_consistently`): returns what ``read`` returns."""
+    return atomic.read_consistently(Path(directory), read, CheckpointError)
+
+
+def _read_header(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         if directory.exists():
             raise CheckpointError(f"checkpoint {directory} is a file, not a checkpoint directory; pass the directory")
@@ -353,6 +346,15 @@ def read_checkpoint_header(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME or "config" not in header:
         raise CheckpointError(f"{directory / CONFIG_FILE} is not a ddpm checkpoint; pass a directory written by ddpm")
     return header
+
+
+def read_checkpoint_header(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``config.json`` of a training checkpoint (raises :class:`CheckpointError` when unusable).
+
+    Safe while another process writes the checkpoint: it waits out a swap and never moves anything itself except,
+    under the lock, the aside copy left by a writer that crashed mid-swap."""
+    directory = Path(directory)
+    return read_consistently(directory, lambda: _read_header(directory))
 
 
 def check_config(directory: Path, found: Mapping[str, Any], expected: Mapping[str, Any], ignore: Iterable[str] = ()) -> None:
@@ -382,17 +384,17 @@ def load_training_state(
     different run. With ``restore_rng`` the global random states are set to the saved ones.
     """
     directory = Path(directory)
-    header = read_checkpoint_header(directory)
+
+    def read():  # every file from one checkpoint, even while a writer swaps in the next one
+        header = _read_header(directory)
+        if expected_config is not None:
+            check_config(directory, header["config"], expected_config, ignore_keys)
+        tensors = [load_weights(directory / f"{name}.safetensors")[0]
+                   for name in ("model", "ema", "optimizer", "rng", "extra")]
+        return header, tensors, _read_json(directory / "optimizer.json"), _read_json(directory / STATE_FILE)
+
+    header, (model, ema, opt_tensors, rng_tensors, extra), opt_meta, state = read_consistently(directory, read)
     config = header["config"]
-    if expected_config is not None:
-        check_config(directory, config, expected_config, ignore_keys)
-    model, _ = load_weights(directory / "model.safetensors")
-    ema, _ = load_weights(directory / "ema.safetensors")
-    opt_tensors, _ = load_weights(directory / "optimizer.safetensors")
-    opt_meta = _read_json(directory / "optimizer.json")
-    rng_tensors, _ = load_weights(directory / "rng.safetensors")
-    extra, _ = load_weights(directory / "extra.safetensors")
-    state = _read_json(directory / STATE_FILE)
     try:
         optimizer = _optimizer_from_files(opt_tensors, opt_meta)
         step = int(state["step"])
@@ -413,7 +415,6 @@ def load_training_state(
         "state": state,
         "extra": extra,
     }
-
 
 
 def previews_from_extra(extra: Mapping[str, Any]) -> list:

@@ -43,7 +43,9 @@ __all__ = [
     "DatasetInfo",
     "DatasetUnavailable",
     "augment",
+    "class_frequencies",
     "data_root",
+    "draw_labels",
     "dataset_info",
     "load_dataset",
     "MNIST5K_TEST_PER_CLASS",
@@ -261,3 +263,35 @@ def augment(name: str, x: torch.Tensor, generator: torch.Generator | None = None
         return x
     flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def class_frequencies(name: str, root: str | os.PathLike | None = None) -> torch.Tensor:
+    """The share of each class among the labels of ``name``'s training split: float64 ``[num_classes]``, summing
+    to 1 (index k is class k). ``root`` is the torchvision folder, as in :func:`load_dataset`.
+
+    Drawing labels from these shares (:func:`draw_labels`) gives class-conditional samples with the class mix of
+    the training set, the labels with which ADM (Dhariwal & Nichol 2021) and DiT (Peebles & Xie 2023) sample for
+    their FID.
+    """
+    info = dataset_info(name)
+    if info.num_classes is None:
+        labelled = ", ".join(k for k, v in DATASETS.items() if v.num_classes is not None)
+        raise ValueError(f"dataset {name!r} has no class labels; class frequencies need a labelled dataset "
+                         f"({labelled})")
+    _, y = load_dataset(name, split="train", root=root)
+    counts = torch.bincount(y, minlength=info.num_classes).to(torch.float64)
+    if len(counts) != info.num_classes:
+        raise ValueError(f"dataset {name!r} has labels up to {len(counts) - 1}, beyond its {info.num_classes} classes")
+    return counts / counts.sum()
+
+
+def draw_labels(n: int, frequencies, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` class labels drawn independently (with replacement) with probabilities ``frequencies [K]``:
+    int64 ``[n]`` in 0..K-1. ``frequencies`` need not be normalised; ``generator`` (a CPU generator) fixes the draw.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"n must be a positive integer; got {n!r}")
+    f = torch.as_tensor(frequencies, dtype=torch.float64)
+    if f.ndim != 1 or len(f) == 0 or not bool(torch.isfinite(f).all()) or bool((f < 0).any()) or f.sum() <= 0:
+        raise ValueError(f"frequencies must be one number >= 0 per class with a positive sum; got {f.tolist()}")
+    return torch.multinomial(f, n, replacement=True, generator=generator)

@@ -34,8 +34,6 @@ import copy
 import math
 import os
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -47,7 +45,7 @@ import torch.distributed as dist
 from .autoencoder import decode_in_batches, encode_in_batches, first_stage
 from .callbacks import Callback, as_callback, progress_bar, progress_enabled
 from .data import augment, dataset_info, load_dataset
-from .distributed import setup_distributed
+from .distributed import StopRequest, setup_distributed
 from .losses import ImportanceSampler, UniformSampler, training_losses
 from .optim import ema_decay_at, learning_rate, update_ema
 from .resume import load_trainer, save_trainer
@@ -199,7 +197,7 @@ class Trainer:
         self.last_batch_indices: torch.Tensor | None = None
         self.last_checkpoint_step: int | None = None
         self.previews: list[tuple[int, torch.Tensor]] = []
-        self._stop_requested = False
+        self.stop_request = StopRequest(self.distributed)
 
     # -- properties ----------------------------------------------------------------------------------------
 
@@ -273,18 +271,19 @@ class Trainer:
             )
         loss = (terms["loss"] * weights).mean()
 
-        # global means (and the stop flag) in one all-reduce, so every rank takes the same decisions
+        # global means and the stop requests (ddpm.distributed.StopRequest) in one all-reduce, so that every rank
+        # takes the same decisions
         stats = torch.stack([
             loss.detach().float(),
             terms["mse"].detach().float().mean(),
             terms["vb"].detach().float().mean() if "vb" in terms else torch.zeros((), device=self.device),
-            torch.tensor(float(self._stop_requested), device=self.device),
+            self.stop_request.flag(self.device),
         ])
         if self.distributed:
             dist.all_reduce(stats)
             stats[:3] /= self.world_size
         loss_v, mse_v, vb_v, stop = stats.tolist()
-        self._stop_requested = stop > 0
+        self.stop_request.agree(stop)
         if not math.isfinite(loss_v):
             where = (
                 f"the last good checkpoint (step {self.last_checkpoint_step}) is kept in {self.out_dir}"
@@ -368,32 +367,18 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------------
 
-    def _install_sigint(self):
-        """First Ctrl-C: finish the current step, save, then raise KeyboardInterrupt. Second: stop at once."""
-        if threading.current_thread() is not threading.main_thread():
-            return None
-
-        def handler(signum, frame):
-            if self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested = True
-
-        try:
-            return signal.signal(signal.SIGINT, handler)
-        except (ValueError, OSError):
-            return None
-
     def fit(self, steps: int | None = None) -> "Trainer":
         """Train until ``steps`` (default ``config.steps``) total steps.
 
-        Checkpoints every ``checkpoint_every`` steps, at the end and on Ctrl-C (then re-raises
-        KeyboardInterrupt); a NaN/inf loss raises :class:`TrainingDiverged`, keeping the last checkpoint.
+        Checkpoints every ``checkpoint_every`` steps, at the end and on Ctrl-C (then re-raises KeyboardInterrupt;
+        under ``torchrun`` all ranks stop after the same step, see :class:`ddpm.distributed.StopRequest`); a NaN/inf
+        loss raises :class:`TrainingDiverged`, keeping the last checkpoint.
         """
         c = self.config
         total = c.steps if steps is None else steps
         show = self.is_main and progress_enabled(self.progress)
         bar = progress_bar(show, total, self.step, f"train {self.preset}")
-        previous_handler = self._install_sigint()
+        self.stop_request.install()
         for cb in self.callbacks:
             cb.on_train_start(self)
         try:
@@ -407,7 +392,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)
-                if self._stop_requested:
+                if self.stop_request.stop_now():
                     self.save()
                     raise KeyboardInterrupt(f"training interrupted at step {self.step}")
                 if self.is_main and c.preview_every and self.step % c.preview_every == 0:
@@ -420,8 +405,7 @@ class Trainer:
             if self.out_dir is not None and self.last_checkpoint_step != self.step:
                 self.save()
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+            self.stop_request.uninstall()
             if bar is not None:
                 bar.close()
         for cb in self.callbacks:
