@@ -238,11 +238,38 @@ def test_cached_ddim_samples_names_one_shared_set_per_weights(tmp_path, monkeypa
         def fail():
             raise AssertionError("the set should come from the cache")
 
-        again, _ = cached_samples(trained, fail, sampler="ddim", steps=5, n=3, seed=7, weights=weights, guidance=None)
+        again, _ = cached_samples(trained, fail, sampler="ddim", spacing="trailing", steps=5, n=3, seed=7,
+                                  weights=weights, labels="null", guidance=None)
         assert torch.equal(again, got)
     assert len(list((tmp_path / "samples").iterdir())) == 2
     with pytest.raises(ValueError, match="weights must be 'ema' or 'raw'"):
         cached_ddim_samples(trained, 3, 5, 7, weights="best")
+    with pytest.raises(ValueError, match="class-conditional"):
+        cached_ddim_samples(trained, 3, 5, 7, labels="frequencies")
+
+
+def test_headline_samples_draw_labels_from_the_class_frequencies(tmp_path, monkeypatch):
+    from ddpm.cache import TrainedModel, cached_ddim_samples, frequency_labels
+    from ddpm.data import class_frequencies, draw_labels
+    from ddpm.samplers import ddim_sample
+    from ddpm.schedule import NoiseSchedule
+
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path))
+    config = TrainConfig(model={"image_size": 28, "in_channels": 1, "model_channels": 8, "channel_mult": [1],
+                                "attention_resolutions": [], "num_heads": 1, "num_classes": 10}, T=40)
+    torch.manual_seed(0)
+    net = build_model(config).eval()
+    trained = TrainedModel(model=net, raw_model=net, schedule=NoiseSchedule.from_name(config.schedule, config.T),
+                           config=config, history={}, info={"checkpoint_hash": "abc"})
+    labels = frequency_labels(trained, 6, 3)
+    assert torch.equal(labels, draw_labels(6, class_frequencies(config.dataset), torch.Generator().manual_seed(3)))
+    got, _ = cached_ddim_samples(trained, 6, 4, 3, labels="frequencies")
+    with torch.no_grad():
+        want = ddim_sample(net, trained.schedule, (6, 1, 28, 28), steps=4, y=labels,
+                           generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, want)
+    null, _ = cached_ddim_samples(trained, 6, 4, 3)  # the null label: another set, from the same noise
+    assert not torch.equal(null, got) and len(list((tmp_path / "samples").iterdir())) == 2
 
 
 def test_the_info_says_whether_the_model_came_from_the_cache(tmp_path, monkeypatch):

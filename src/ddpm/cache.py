@@ -33,8 +33,8 @@ from .schedule import NoiseSchedule
 from .train import TrainConfig, Trainer, build_model
 from .unet import count_parameters
 
-__all__ = ["TrainedModel", "cache_dir", "cached_ddim_samples", "cached_samples", "load_autoencoder", "load_model",
-           "load_or_train", "project_root", "trained_model"]
+__all__ = ["TrainedModel", "cache_dir", "cached_ddim_samples", "cached_samples", "frequency_labels", "load_autoencoder",
+           "load_model", "load_or_train", "project_root", "trained_model"]
 
 
 def _filled(model: torch.nn.Module, state, directory: Path, problem: str) -> torch.nn.Module:
@@ -331,19 +331,38 @@ def cached_samples(trained: TrainedModel, draw, **settings) -> tuple[torch.Tenso
     return samples, seconds
 
 
-def cached_ddim_samples(trained: TrainedModel, n: int, steps: int, seed: int, *,
-                        weights: str = "ema") -> tuple[torch.Tensor, float]:
-    """``n`` unconditional (null-label) DDIM samples of ``trained`` in ``steps`` steps from seed ``seed``, with its
-    ``"ema"`` or ``"raw"`` weights, through :func:`cached_samples`: ``(samples, seconds)``. The one place that names
-    the settings of this set, so that every page asking for it gets the same file."""
-    from .samplers import ddim_sample
+def frequency_labels(trained: TrainedModel, n: int, seed: int) -> torch.Tensor:
+    """``n`` class labels of a class-conditional model drawn from its training set's class frequencies with seed
+    ``seed`` (:func:`ddpm.data.draw_labels`): the labels of the model's headline samples."""
+    from .data import class_frequencies, draw_labels
+
+    if trained.config.num_classes is None:
+        raise ValueError("frequency labels need a class-conditional model; this one is unconditional")
+    return draw_labels(n, class_frequencies(trained.config.dataset), torch.Generator().manual_seed(seed))
+
+
+def cached_ddim_samples(trained: TrainedModel, n: int, steps: int, seed: int, *, weights: str = "ema",
+                        labels: str = "null", batch_size: int = 500) -> tuple[torch.Tensor, float]:
+    """``n`` unguided DDIM samples of ``trained`` in ``steps`` steps (trailing spacing) from seed ``seed``, with its
+    ``"ema"`` or ``"raw"`` weights, through :func:`cached_samples`: ``(samples, seconds)``. ``labels``: ``"null"``
+    (the unconditional branch, the null label of classifier-free guidance) or ``"frequencies"`` (labels drawn from
+    the training set's class frequencies, :func:`frequency_labels` with the same seed: how ADM and DiT score a
+    class-conditional model, and the book's headline FID). The one place that names the settings of these sets, so
+    that every page asking for one gets the same file."""
+    from .samplers import sample_in_batches
 
     nets = {"ema": trained.model, "raw": trained.raw_model}
     if weights not in nets:
         raise ValueError(f"weights must be 'ema' or 'raw'; got {weights!r}")
+    if labels not in ("null", "frequencies"):
+        raise ValueError(f"labels must be 'null' or 'frequencies'; got {labels!r}")
+    y = frequency_labels(trained, n, seed) if labels == "frequencies" else None
 
     def draw():
-        return ddim_sample(nets[weights], trained.schedule, (n, *trained.config.sample_shape), steps=steps,
-                           generator=torch.Generator().manual_seed(seed), clip_denoised=not trained.config.is_latent)
+        return sample_in_batches(nets[weights], trained.schedule, trained.config.sample_shape, n, y=y,
+                                 batch_size=batch_size, sampler="ddim", steps=steps,
+                                 generator=torch.Generator().manual_seed(seed),
+                                 clip_denoised=not trained.config.is_latent)
 
-    return cached_samples(trained, draw, sampler="ddim", steps=steps, n=n, seed=seed, weights=weights, guidance=None)
+    return cached_samples(trained, draw, sampler="ddim", spacing="trailing", steps=steps, n=n, seed=seed,
+                          weights=weights, labels=labels, guidance=None)
