@@ -259,6 +259,9 @@ def test_headline_samples_draw_labels_from_the_class_frequencies(tmp_path, monke
                                 "attention_resolutions": [], "num_heads": 1, "num_classes": 10}, T=40)
     torch.manual_seed(0)
     net = build_model(config).eval()
+    with torch.no_grad():  # the zero output layer would make every label give the same samples
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     trained = TrainedModel(model=net, raw_model=net, schedule=NoiseSchedule.from_name(config.schedule, config.T),
                            config=config, history={}, info={"checkpoint_hash": "abc"})
     labels = frequency_labels(trained, 6, 3)
