@@ -8,6 +8,8 @@ Training goes through ``load_or_train``, so the checkpoint lands in the model ca
 
 * ``--n`` unconditional samples (the null label) and their FID to the training digits in the project's metric,
   against the real-data floor at the same n (as many held-out digits, scored the same way);
+* ``--n`` headline samples: labels drawn from the training set's class frequencies (``ddpm.data.draw_labels``),
+  no guidance, the convention of ADM and DiT for a class-conditional model; their FID and accuracy;
 * ``--n`` conditional samples (labels 0..9 in turn; unguided for ``mnist-cpu``, with classifier-free guidance
   w = 1 for ``mnist-latent``) and the metric classifier's accuracy on them, beside its accuracy on the held-out
   real digits (what real digits score), and their FID too: the gap between the two sets' FIDs is what the
@@ -47,6 +49,7 @@ from pathlib import Path
 import torch
 
 from ddpm.cache import load_or_train
+from ddpm.data import class_frequencies, draw_labels
 from ddpm.guidance import ClassifierFreeGuidance
 from ddpm.metrics import (classifier_outputs, conditional_accuracy, fid_with_error, heldout_floor,
                           load_or_train_mnist_classifier, real_digits)
@@ -165,6 +168,10 @@ def main() -> None:
     with torch.inference_mode():
         samples = trained.decode(sample_in_batches(model, schedule, config.sample_shape, args.n, y=labels,
                                                    guidance=guidance, **draw))
+    headline_labels = draw_labels(args.n, class_frequencies(config.dataset), torch.Generator().manual_seed(args.seed))
+    with torch.inference_mode():
+        headline = trained.decode(sample_in_batches(model, schedule, config.sample_shape, args.n, y=headline_labels,
+                                                    **draw))
 
     # How digit-like the samples are, in the project's metric (ddpm.metrics): FID of the unconditional samples to
     # the training digits against held-out real digits scored the same way, the metric classifier's accuracy on the
@@ -176,6 +183,9 @@ def main() -> None:
     reference = classifier_outputs(classifier, real)["features"]
     fid = fid_with_error(classifier_outputs(classifier, uncond)["features"], reference)
     conditional_fid = fid_with_error(conditional["features"], reference)
+    headline_out = classifier_outputs(classifier, headline)
+    headline_fid = fid_with_error(headline_out["features"], reference)
+    headline_accuracy = conditional_accuracy(headline_out["probs"], headline_labels)
     heldout, heldout_labels = real_digits("test")
     heldout_out = classifier_outputs(classifier, heldout)
     floor = heldout_floor(heldout_out["features"], reference, args.n)
@@ -217,6 +227,10 @@ def main() -> None:
         "sampler": f"DDIM, {args.sampling_steps} steps, eta 0",
         "sampling_wall_time_s": round(sampling_s, 1),
         "sampling_images_per_s": round(args.n / sampling_s, 2),
+        "headline_fid": round(headline_fid["fid"], 2),
+        "headline_fid_std": round(headline_fid["std"], 2),
+        "headline_accuracy": round(headline_accuracy, 4),
+        "estimator": "split-half",
         "conditional_accuracy": round(accuracy, 4),
         "conditional_fid": round(conditional_fid["fid"], 2),
         "conditional_fid_std": round(conditional_fid["std"], 2),
@@ -246,6 +260,8 @@ def main() -> None:
     print(f"unconditional FID {fid['fid']:.1f} +- {fid['std']:.1f} to the training digits; real-data floor "
           f"{floor['fid']:.1f} +- {floor['std']:.1f} ({floor['n']} held-out digits); mean-brightness spread "
           f"{brightness_std:.3f} (training digits {data_brightness_std:.3f})")
+    print(f"headline (labels from the class frequencies, no guidance): FID {headline_fid['fid']:.1f} +- "
+          f"{headline_fid['std']:.1f}, {headline_accuracy:.1%} the requested digit")
     print(f"conditional (w = {target['guidance']:g}): the metric classifier reads {accuracy:.1%} of {args.n} digits as "
           f"their requested class, and {real_accuracy:.1%} of {len(heldout_labels)} held-out real digits as their label; "
           f"their FID {conditional_fid['fid']:.1f} +- {conditional_fid['std']:.1f}")

@@ -79,6 +79,12 @@ def test_verdicts_say_when_the_test_could_not_decide():
     assert book.verdict_close(4.0, 1.0, margin=5.0) == "inconclusive"
     assert book.verdict_close(1.0, 3.0, margin=5.0) == "beyond this budget"  # 2 x 3 >= 5: held was impossible
     assert book.verdict_close(20.0, 3.0, margin=5.0) == "did not hold"
+    assert book.combine(["held", "held"]) == "held"
+    assert book.combine(["held", "inconclusive"]) == "inconclusive"
+    assert book.combine(["held", "beyond this budget", "inconclusive"]) == "beyond this budget"
+    assert book.combine(["beyond this budget", "did not hold"]) == "did not hold"
+    with pytest.raises(ValueError):
+        book.combine(["maybe"])
     folded = book.with_seed_spread({"fid": 30.0, "std": 3.0, "n": 1000}, 4.0, arms=2)
     assert folded["std"] == pytest.approx(math.sqrt(9 + 2 * 16)) and folded["sampling_std"] == 3.0
     assert folded["fid"] == 30.0 and folded["n"] == 1000

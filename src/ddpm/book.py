@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 
 from .plotting import CODE_COLUMN, _imshow, image_grid, wrap  # noqa: F401  (CODE_COLUMN and wrap: re-exported)
 
-__all__ = ["CODE_COLUMN", "POWER_Z", "VERDICTS", "Comparison", "PageClock", "compare", "detectable", "glue",
+__all__ = ["CODE_COLUMN", "POWER_Z", "VERDICTS", "Comparison", "PageClock", "combine", "compare", "detectable", "glue",
            "model_source", "samples_figure", "saved_activation_bytes", "same_n", "table", "verdict", "verdict_close",
            "with_seed_spread", "wrap"]
 
@@ -120,6 +120,21 @@ def verdict_close(difference: float, std: float, margin: float, k: float = 2.0) 
     if low > margin:
         return "did not hold"
     return "beyond this budget" if k * std >= margin else "inconclusive"
+
+
+def combine(verdicts: Iterable[str]) -> str:
+    """One verdict for a claim made of several comparisons that must all hold: held if every one held, did not hold if
+    any did not, beyond this budget if any could not decide, inconclusive otherwise."""
+    verdicts = list(verdicts)
+    unknown = set(verdicts) - set(VERDICTS)
+    if not verdicts or unknown:
+        raise ValueError(f"combine needs verdicts among {VERDICTS}, got {verdicts!r}")
+    if all(v == "held" for v in verdicts):
+        return "held"
+    for v in ("did not hold", "beyond this budget"):
+        if v in verdicts:
+            return v
+    return "inconclusive"
 
 
 def with_seed_spread(score: dict, seed_std: float, *, arms: int = 1) -> dict:
@@ -219,7 +234,8 @@ def table(header: Sequence[str], rows: Iterable[Sequence], align: str | None = N
 
 
 def samples_figure(panels: dict, nrow: int, pixels: int = 40, columns: int | None = None, title_size: int = 10):
-    """Sample grids, each digit about ``pixels`` screen pixels wide at the book's figure resolution (100 dpi).
+    """Sample grids, each image about ``pixels`` screen pixels wide at the book's figure resolution (100 dpi), whatever
+    its size in pixels (a 14x14 digit is drawn as large as a 28x28 one).
 
     ``panels``: title -> images ``[N, C, H, W]`` in [-1, 1], ``nrow`` images per grid row; ``columns`` panels per
     row of the figure (default: all side by side).
@@ -230,7 +246,8 @@ def samples_figure(panels: dict, nrow: int, pixels: int = 40, columns: int | Non
     columns = columns or len(grids)
     rows = math.ceil(len(grids) / columns)
     first = next(iter(grids.values()))
-    scale = pixels / 28 / 100  # inches per image pixel at 100 dpi
+    side = next(iter(panels.values())).shape[-1]  # 28 for digits, 14 for pooled digits
+    scale = pixels / side / 100  # inches per image pixel at 100 dpi
     width, height = first.shape[1] * scale, first.shape[0] * scale
     fig, axes = plt.subplots(rows, columns, figsize=(width * columns + 0.2 * (columns - 1), (height + 0.35) * rows),
                              squeeze=False, dpi=100)

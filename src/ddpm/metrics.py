@@ -131,6 +131,17 @@ def conditional_accuracy(probs, labels) -> float:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def pooled_digit_features(classifier, images14) -> torch.Tensor:
+    """Features of 14x14 digits (``mnist5k-14`` or a model of it) ``[N, 1, 14, 14]``: each pixel doubled to the metric
+    classifier's 28x28 input, so that pooled samples and pooled real digits are scored the same way."""
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(images14)
+    if x.ndim != 4 or tuple(x.shape[1:]) != (1, 14, 14):
+        raise ValueError(f"images14: expected [N, 1, 14, 14], got {list(x.shape)}")
+    return classifier_outputs(classifier, F.interpolate(x.float(), scale_factor=2, mode="nearest"))["features"]
+
+
 def evaluate_images(
     images,
     labels=None,
