@@ -11,7 +11,7 @@ bound's terms), ``samplers`` (ancestral, respaced, DDIM, Heun, DPM-Solver++) and
 verdicts, tables).
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from .cache import TrainedModel, load_or_train  # noqa: E402
 from .data import load_dataset  # noqa: E402
