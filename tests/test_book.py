@@ -198,3 +198,12 @@ def test_model_source_says_whether_the_model_was_trained_here():
     assert book.model_source(fresh).startswith("trained in this run (10.0 minutes)")
     latent = SimpleNamespace(info={"cached": False, "wall_time_s": 300.0, "autoencoder_seconds": 120.0})
     assert "(7.0 minutes)" in book.model_source(latent)
+
+
+def test_timed_ratio_measures_how_many_times_longer_one_call_takes():
+    import time as _time
+
+    ratio, err = book.timed_ratio(lambda: _time.sleep(0.02), lambda: _time.sleep(0.005), repeats=4)
+    assert 2.5 < ratio < 5.0 and 0 <= err < 1.0
+    with pytest.raises(ValueError, match="repeats"):
+        book.timed_ratio(lambda: None, lambda: None, repeats=1)

@@ -27,8 +27,8 @@ from typing import Iterable, Sequence
 from .plotting import CODE_COLUMN, _imshow, image_grid, wrap  # noqa: F401  (CODE_COLUMN and wrap: re-exported)
 
 __all__ = ["CODE_COLUMN", "POWER_Z", "VERDICTS", "Comparison", "PageClock", "combine", "compare", "detectable", "glue",
-           "model_source", "samples_figure", "saved_activation_bytes", "same_n", "table", "verdict", "verdict_close",
-           "with_seed_spread", "wrap"]
+           "model_source", "samples_figure", "saved_activation_bytes", "same_n", "table", "timed_ratio", "verdict",
+           "verdict_close", "with_seed_spread", "wrap"]
 
 VERDICTS = ("held", "did not hold", "inconclusive", "beyond this budget")
 #: A difference of (k + POWER_Z) errors is detected by the 2-error rule four times in five (80% power).
@@ -192,6 +192,27 @@ def compare(candidate: dict, baseline: dict, *, paired: dict | None = None, high
     if higher_is_better:
         gain = -gain
     return Comparison(gain, std, verdict(gain, std, effect=effect), paired is not None, detectable(std))
+
+
+def timed_ratio(slow, fast, repeats: int = 7, warmup: int = 1) -> tuple[float, float]:
+    """How many times longer ``slow()`` takes than ``fast()``: ``(mean ratio, its standard error)`` over ``repeats``
+    interleaved pairs of calls (after ``warmup`` untimed pairs), so that a drift of the machine's speed affects both
+    alike."""
+    if repeats < 2:
+        raise ValueError(f"repeats must be at least 2 for an error, got {repeats}")
+    for _ in range(warmup):
+        slow(), fast()
+    ratios = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        slow()
+        middle = time.perf_counter()
+        fast()
+        end = time.perf_counter()
+        ratios.append((middle - start) / (end - middle))
+    mean = sum(ratios) / repeats
+    spread = math.sqrt(sum((r - mean) ** 2 for r in ratios) / (repeats - 1))
+    return mean, spread / math.sqrt(repeats)
 
 
 def saved_activation_bytes(fn, exclude: Iterable = ()) -> int:
