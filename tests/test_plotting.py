@@ -9,8 +9,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ddpm.plotting import (GIF_LEVELS, GIF_SCALE, TrajectoryRecorder, animation_html, forward_strip,  # noqa: E402
-                           image_grid, schedule_plot, to_uint8, trajectory_animation, trajectory_figure)
+from ddpm.plotting import (GIF_LEVELS, GIF_SCALE, TrajectoryRecorder, animation_html, field_figure,  # noqa: E402
+                           forward_strip, image_grid, points_trajectories_figure, schedule_plot, to_uint8,
+                           trajectory_animation, trajectory_figure)
 from ddpm.samplers import ddim_sample  # noqa: E402
 from ddpm.schedule import NoiseSchedule  # noqa: E402
 
@@ -137,3 +138,31 @@ def test_a_matplotlib_animation_still_embeds():
     gif = _gif_of(animation_html(anim, fps=4, dpi=30))
     plt.close(fig)
     assert gif.format == "GIF" and gif.n_frames == 3
+
+
+def test_field_figure_caps_long_arrows_and_keeps_short_ones():
+    axis = torch.linspace(-1, 1, 5)  # spacing 0.5
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
+    field = -grid * torch.linspace(0.1, 2.0, len(grid)).unsqueeze(1)
+    fig = field_figure(grid, {"pull": field}, {"pull": torch.zeros(3, 2)})
+    quiver = [c for c in fig.axes[0].collections if hasattr(c, "U")][0]
+    drawn = np.hypot(quiver.U, quiver.V)
+    true = field.norm(dim=1).numpy()
+    assert drawn.max() <= 0.5 + 1e-6
+    assert np.allclose(drawn, np.minimum(true, 0.5), atol=1e-6)
+    directions = np.stack([quiver.U, quiver.V], 1) / np.maximum(drawn, 1e-12)[:, None]
+    moving = true > 0
+    assert np.allclose(directions[moving], (field[moving] / field[moving].norm(dim=1, keepdim=True)).numpy(), atol=1e-5)
+
+
+def test_points_trajectories_figure_needs_every_late_step():
+    sched = NoiseSchedule.linear(50)
+    rec = TrajectoryRecorder()
+    x0 = ddim_sample(lambda x, t, y=None: torch.zeros_like(x), sched, (30, 2), callback=rec, device="cpu")
+    fig = points_trajectories_figure(rec.frames, early=[49, 30], late=[20, 10], samples=x0, paths_from=20,
+                                     n_paths=5)
+    assert len([ax for ax in fig.axes if ax.axison]) == 2 + 2 + 2
+    sparse = TrajectoryRecorder(keep=5, total=50)
+    ddim_sample(lambda x, t, y=None: torch.zeros_like(x), sched, (30, 2), callback=sparse, device="cpu")
+    with pytest.raises(ValueError, match="TrajectoryRecorder"):
+        points_trajectories_figure(sparse.frames, early=[49], late=[20], samples=x0, paths_from=20)

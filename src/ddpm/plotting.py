@@ -18,7 +18,7 @@ from torch import Tensor
 
 __all__ = ["CODE_COLUMN", "wrap", "to_uint8", "image_grid", "show_images", "forward_strip", "TrajectoryRecorder",
            "trajectory_figure", "TrajectoryAnimation", "trajectory_animation", "animation_html", "schedule_plot",
-           "points_figure", "provenance"]
+           "points_figure", "field_figure", "points_trajectories_figure", "provenance"]
 
 CODE_COLUMN = 80  # characters of printed text that the book's code column shows without scrolling sideways
 
@@ -338,6 +338,82 @@ def points_figure(panels: Mapping[str, Tensor], lim: float | None = None, size: 
         if lim is not None:
             ax.set_xlim(-lim, lim)
             ax.set_ylim(-lim, lim)
+    fig.tight_layout()
+    return fig
+
+
+def _square(ax, lim: float) -> None:
+    ax.set_aspect("equal")
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.tick_params(labelsize=7)
+
+
+def field_figure(grid: Tensor, fields: Mapping[str, Tensor], clouds: Mapping[str, Tensor] | None = None,
+                 cap: float | None = None, lim: float = 1.3, size: float = 3.6):
+    """Vector fields of the plane, one panel per name: an arrow from each point of ``grid`` [M, 2] along its row of
+    ``fields[name]`` [M, 2], over the points ``clouds[name]`` [K, 2] in gray. An arrow longer than ``cap`` (default:
+    the grid's spacing) is drawn ``cap`` long in its own direction, so that the longest arrows, far from the data,
+    do not cover the others; shorter arrows keep their length."""
+    import matplotlib.pyplot as plt
+
+    grid = torch.as_tensor(grid).detach().cpu().float()
+    if cap is None:
+        cap = float(np.diff(np.unique(grid[:, 0].numpy())).min())
+    fig, axes = plt.subplots(1, len(fields), figsize=(size * len(fields), size), squeeze=False)
+    for ax, (name, field) in zip(axes[0], fields.items()):
+        field = torch.as_tensor(field).detach().cpu().float()
+        length = field.norm(dim=1, keepdim=True)
+        field = field * (cap / length.clamp(min=cap))
+        if clouds is not None and name in clouds:
+            cloud = torch.as_tensor(clouds[name]).detach().cpu()
+            ax.scatter(cloud[:, 0], cloud[:, 1], s=1, alpha=0.25, color="gray")
+        ax.quiver(grid[:, 0], grid[:, 1], field[:, 0], field[:, 1], angles="xy", scale_units="xy", scale=1,
+                  color="C0", width=0.005, headwidth=4, headlength=4, headaxislength=3.5)
+        ax.set_title(name, fontsize=10)
+        _square(ax, lim)
+    fig.tight_layout()
+    return fig
+
+
+def points_trajectories_figure(frames: Sequence[tuple[int, Tensor, Tensor]], early: Sequence[int],
+                               late: Sequence[int], samples: Tensor, data: Tensor | None = None, paths_from: int = 100,
+                               n_paths: int = 15, lims: tuple[float, float] = (2.5, 1.3), size: float = 2.3):
+    """Reverse chains of 2-D points in two rows. Top, within ``lims[0]``: the cloud x_t at each of the ``early``
+    steps. Bottom, zoomed to ``lims[1]``: the cloud at each of the ``late`` steps, the final ``samples`` [N, 2], and
+    the paths of the first ``n_paths`` chains from ``paths_from`` to their sample (coloured by t from yellow to
+    purple, ending on dots) over ``data`` in gray.
+
+    ``frames``: ``(t, x_t [N, 2], pred_x0 [N, 2])`` as a :class:`TrajectoryRecorder` keeps them; they must hold
+    each step shown and every t below ``paths_from`` (``TrajectoryRecorder()`` keeps all).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    points = {t: x.cpu() for t, x, _ in frames}
+    missing = sorted((set(early) | set(late) | set(range(paths_from + 1))) - set(points))
+    if missing:
+        raise ValueError(f"frames lack steps {missing[:4]}...: record every step with TrajectoryRecorder()")
+    ncols = max(len(early), len(late) + 2)
+    fig, axes = plt.subplots(2, ncols, figsize=(size * ncols, 2 * size + 0.2), squeeze=False)
+    rows = [{f"t = {t}": points[t] for t in early}, {f"t = {t}": points[t] for t in late} | {"samples": samples}]
+    for row, (panels, lim) in enumerate(zip(rows, lims)):
+        for ax, (name, cloud) in zip(axes[row], panels.items()):
+            ax.scatter(cloud[:, 0], cloud[:, 1], s=1, alpha=0.4)
+            ax.set_title(name, fontsize=10)
+            _square(ax, lim)
+        for ax in axes[row, len(panels) + row:]:
+            ax.set_axis_off()
+    ax = axes[1, len(rows[1])]
+    if data is not None:
+        ax.scatter(data[:, 0], data[:, 1], s=1, alpha=0.2, color="gray")
+    path = torch.stack([points[t][:n_paths] for t in range(paths_from, -1, -1)] + [samples[:n_paths].cpu()], 1)
+    segments = torch.stack([path[:, :-1], path[:, 1:]], 2).reshape(-1, 2, 2)
+    ax.add_collection(LineCollection(segments.numpy(), array=np.tile(np.arange(paths_from, -1, -1), len(path)),
+                                     cmap="viridis", linewidths=0.8))
+    ax.scatter(path[:, -1, 0], path[:, -1, 1], s=8, color="black", zorder=3)
+    ax.set_title(f"paths from t = {paths_from}", fontsize=10)
+    _square(ax, lims[1])
     fig.tight_layout()
     return fig
 
