@@ -7,6 +7,7 @@ what to show and how to caption it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import textwrap
 from typing import Mapping, Sequence
@@ -16,7 +17,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["CODE_COLUMN", "wrap", "to_uint8", "image_grid", "show_images", "forward_strip", "TrajectoryRecorder",
-           "trajectory_figure", "trajectory_animation", "animation_html", "schedule_plot", "points_figure", "provenance"]
+           "trajectory_figure", "TrajectoryAnimation", "trajectory_animation", "animation_html", "schedule_plot",
+           "points_figure", "field_figure", "points_trajectories_figure", "provenance"]
 
 CODE_COLUMN = 80  # characters of printed text that the book's code column shows without scrolling sideways
 
@@ -143,31 +145,114 @@ def trajectory_figure(frames: Sequence[tuple[int, Tensor, Tensor]], index: int =
     return fig
 
 
+GIF_LEVELS = 16  # grey levels of an animation's palette: smooth enough for digits, few enough to compress well
+GIF_SCALE = 2  # screen pixels per image pixel of an embedded animation (40 px or more for a 28 px digit)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectoryAnimation:
+    """A denoising run of a batch as an animation: the grid of x_t (left) and of the predicted x_0 (right) per step.
+
+    ``frames``: ``(t, x_t grid, predicted x_0 grid)`` per recorded step, the grids uint8 ``[H, W, C]`` from
+    :func:`image_grid` at the images' own resolution (one pixel per image pixel); ``interval``: milliseconds per
+    frame (a GIF counts in tens). :meth:`gif` encodes it, :func:`animation_html` embeds it in a page, and Jupyter
+    shows it directly.
+    """
+
+    frames: tuple
+    interval: int = 120
+
+    def canvases(self) -> list[np.ndarray]:
+        """The frames as uint8 images [H', W', C]: the step ``t`` on top, then the two grids under their names,
+        on white. Every frame has the same size and layout, so that only the grids change from frame to frame."""
+        titles = [_text_image(f"$t = {t}$") for t, _, _ in self.frames]
+        names = [_text_image(name) for name in (r"$x_t$", r"predicted $\hat x_0$")]
+        title_height = max(title.shape[0] for title in titles)
+        name_height = max(name.shape[0] for name in names)
+        h, w, c = self.frames[0][1].shape
+        gap, top = 6, title_height + name_height + 4
+        blank = np.full((top + h + 1, 2 * w + gap, c), 255, dtype=np.uint8)
+        for column, name in enumerate(names):  # the names sit on a common baseline
+            _paste(blank, name, title_height + 2 + name_height - name.shape[0], column * (w + gap) + w // 2)
+        out = []
+        for title, (_, left, right) in zip(titles, self.frames):
+            canvas = blank.copy()
+            _paste(canvas, title, title_height - title.shape[0], canvas.shape[1] // 2)
+            canvas[top:top + h, :w] = left
+            canvas[top:top + h, w + gap:] = right
+            out.append(canvas)
+        return out
+
+    def gif(self) -> bytes:
+        """The animated GIF. One global palette serves every frame (``GIF_LEVELS`` greys, or a 6x6x6 colour cube
+        for RGB images), each pixel mapped to its nearest entry without dithering, so a pixel that does not change
+        keeps its index; a frame stores only its changed pixels, the others transparent over the previous frame."""
+        import io
+
+        from PIL import Image
+
+        canvases = self.canvases()
+        if canvases[0].shape[-1] == 3:
+            levels = np.rint(np.stack(canvases).astype(np.float32) * (5 / 255)).astype(np.uint8)
+            indices = levels[..., 0] * 36 + levels[..., 1] * 6 + levels[..., 2]
+            palette = [51 * v for i in range(216) for v in (i // 36, i // 6 % 6, i % 6)]
+        else:
+            indices = np.rint(np.stack(canvases)[..., 0].astype(np.float32) * ((GIF_LEVELS - 1) / 255))
+            indices = indices.astype(np.uint8)
+            palette = [round(i * 255 / (GIF_LEVELS - 1)) for i in range(GIF_LEVELS) for _ in range(3)]
+        transparent = len(palette) // 3
+        palette += [255, 0, 255]  # the transparent entry: shown nowhere
+        images = []
+        for k, index in enumerate(indices):
+            if k > 0:
+                index = np.where(index == indices[k - 1], transparent, index).astype(np.uint8)
+            image = Image.fromarray(index)
+            image.putpalette(palette)
+            images.append(image)
+        out = io.BytesIO()
+        images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=self.interval, loop=0,
+                       transparency=transparent, disposal=1, optimize=False)
+        return out.getvalue()
+
+    def _repr_html_(self) -> str:
+        return animation_html(self)
+
+
+def _text_image(text: str, size: float = 9.0) -> np.ndarray:
+    """``text`` (mathtext allowed) rendered black on white at 72 dpi: uint8 [h, w], one pixel per point."""
+    import io
+
+    from matplotlib import mathtext
+    from matplotlib.font_manager import FontProperties
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    mathtext.math_to_image(text, buffer, prop=FontProperties(size=size), dpi=72, format="png")
+    image = Image.open(buffer).convert("RGBA")
+    return np.asarray(Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("L"))
+
+
+def _paste(canvas: np.ndarray, patch: np.ndarray, top: int, centre: int) -> None:
+    """Paste a grey ``patch`` [h, w] into ``canvas`` [H, W, C], horizontally centred on column ``centre``."""
+    h, w = patch.shape
+    left = min(max(0, centre - w // 2), max(0, canvas.shape[1] - w))
+    w = min(w, canvas.shape[1] - left)
+    canvas[top:top + h, left:left + w] = patch[:, :w, None]
+
+
 def trajectory_animation(frames: Sequence[tuple[int, Tensor, Tensor]], nrow: int | None = None,
-                         interval: int = 120):
-    """An animation of x_t (left) and predicted x_0 (right) for a batch; ``.to_jshtml()`` embeds it offline."""
-    import matplotlib.pyplot as plt
-    from matplotlib import animation
+                         interval: int = 120) -> TrajectoryAnimation:
+    """An animation of x_t (left) and predicted x_0 (right) for a batch, ``nrow`` images per row of each grid.
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(6, 3.2))
-    first = frames[0]
-    im_left = left.imshow(image_grid(first[1], nrow)[..., 0], cmap="gray", vmin=0, vmax=255)
-    im_right = right.imshow(image_grid(first[2].clamp(-1, 1), nrow)[..., 0], cmap="gray", vmin=0, vmax=255)
-    for ax, name in ((left, "$x_t$"), (right, r"predicted $x_0$")):
-        ax.set_axis_off()
-        ax.set_title(name)
-    title = fig.suptitle("")
-
-    def update(i):
-        t, x_t, x0 = frames[i]
-        im_left.set_data(image_grid(x_t, nrow)[..., 0])
-        im_right.set_data(image_grid(x0.clamp(-1, 1), nrow)[..., 0])
-        title.set_text(f"t = {t}")
-        return im_left, im_right, title
-
-    anim = animation.FuncAnimation(fig, update, frames=len(frames), interval=interval, blit=False)
-    plt.close(fig)
-    return anim
+    ``frames`` as a :class:`TrajectoryRecorder` keeps them: ``(t, x_t [N, C, H, W], pred_x0 [N, C, H, W])`` in
+    [-1, 1]. :func:`animation_html` embeds the result in a page as a GIF.
+    """
+    if not frames:
+        raise ValueError("trajectory_animation needs at least one frame; record some with TrajectoryRecorder")
+    return TrajectoryAnimation(
+        tuple((int(t), image_grid(x_t, nrow), image_grid(x0.clamp(-1, 1), nrow)) for t, x_t, x0 in frames),
+        interval=interval,
+    )
 
 
 def save_png_grid(x: Tensor, path, nrow: int | None = None) -> None:
@@ -182,13 +267,31 @@ def save_png_grid(x: Tensor, path, nrow: int | None = None) -> None:
     save_image((x.float().clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=2, pad_value=1.0)
 
 
-def animation_html(anim, fps: int = 8, dpi: int = 72, alt: str = "animation") -> str:
+def animation_html(anim, fps: int | None = None, dpi: int = 72, alt: str = "animation") -> str:
     """An ``<img>`` tag holding ``anim`` as an animated GIF in a data URI.
 
     Self-contained: unlike ``anim.to_jshtml()``, it needs no script, no style sheet from a CDN and no network, and it
-    plays in the HTML book, in Jupyter and in any browser.
+    plays in the HTML book, in Jupyter and in any browser. A :class:`TrajectoryAnimation` is stored at the images'
+    own resolution and shown ``GIF_SCALE`` times larger with crisp pixels (``fps`` overrides its interval); any
+    other matplotlib animation is rendered by matplotlib at ``dpi`` and ``fps`` (default 8).
     """
     import base64
+
+    if isinstance(anim, TrajectoryAnimation):
+        if fps is not None:
+            anim = dataclasses.replace(anim, interval=10 * round(100 / fps))
+        gif = anim.gif()
+        width, height = int.from_bytes(gif[6:8], "little"), int.from_bytes(gif[8:10], "little")
+        size = (f'width="{GIF_SCALE * width}" height="{GIF_SCALE * height}" '
+                'style="image-rendering: pixelated" ')
+    else:
+        gif, size = _matplotlib_gif(anim, fps or 8, dpi), ""
+    data = base64.b64encode(gif).decode("ascii")
+    return f'<img src="data:image/gif;base64,{data}" {size}alt="{alt}">'
+
+
+def _matplotlib_gif(anim, fps: int, dpi: int) -> bytes:
+    """The bytes of a matplotlib animation saved as a GIF by Pillow."""
     import os
     import tempfile
 
@@ -199,10 +302,9 @@ def animation_html(anim, fps: int = 8, dpi: int = 72, alt: str = "animation") ->
     try:
         anim.save(path, writer=PillowWriter(fps=fps), dpi=dpi)
         with open(path, "rb") as f:
-            data = base64.b64encode(f.read()).decode("ascii")
+            return f.read()
     finally:
         os.unlink(path)
-    return f'<img src="data:image/gif;base64,{data}" alt="{alt}">'
 
 
 def schedule_plot(schedules: Mapping[str, "object"]):
@@ -236,6 +338,82 @@ def points_figure(panels: Mapping[str, Tensor], lim: float | None = None, size: 
         if lim is not None:
             ax.set_xlim(-lim, lim)
             ax.set_ylim(-lim, lim)
+    fig.tight_layout()
+    return fig
+
+
+def _square(ax, lim: float) -> None:
+    ax.set_aspect("equal")
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.tick_params(labelsize=7)
+
+
+def field_figure(grid: Tensor, fields: Mapping[str, Tensor], clouds: Mapping[str, Tensor] | None = None,
+                 cap: float | None = None, lim: float = 1.3, size: float = 3.6):
+    """Vector fields of the plane, one panel per name: an arrow from each point of ``grid`` [M, 2] along its row of
+    ``fields[name]`` [M, 2], over the points ``clouds[name]`` [K, 2] in gray. An arrow longer than ``cap`` (default:
+    the grid's spacing) is drawn ``cap`` long in its own direction, so that the longest arrows, far from the data,
+    do not cover the others; shorter arrows keep their length."""
+    import matplotlib.pyplot as plt
+
+    grid = torch.as_tensor(grid).detach().cpu().float()
+    if cap is None:
+        cap = float(np.diff(np.unique(grid[:, 0].numpy())).min())
+    fig, axes = plt.subplots(1, len(fields), figsize=(size * len(fields), size), squeeze=False)
+    for ax, (name, field) in zip(axes[0], fields.items()):
+        field = torch.as_tensor(field).detach().cpu().float()
+        length = field.norm(dim=1, keepdim=True)
+        field = field * (cap / length.clamp(min=cap))
+        if clouds is not None and name in clouds:
+            cloud = torch.as_tensor(clouds[name]).detach().cpu()
+            ax.scatter(cloud[:, 0], cloud[:, 1], s=1, alpha=0.25, color="gray")
+        ax.quiver(grid[:, 0], grid[:, 1], field[:, 0], field[:, 1], angles="xy", scale_units="xy", scale=1,
+                  color="C0", width=0.005, headwidth=4, headlength=4, headaxislength=3.5)
+        ax.set_title(name, fontsize=10)
+        _square(ax, lim)
+    fig.tight_layout()
+    return fig
+
+
+def points_trajectories_figure(frames: Sequence[tuple[int, Tensor, Tensor]], early: Sequence[int],
+                               late: Sequence[int], samples: Tensor, data: Tensor | None = None, paths_from: int = 100,
+                               n_paths: int = 15, lims: tuple[float, float] = (2.5, 1.3), size: float = 2.3):
+    """Reverse chains of 2-D points in two rows. Top, within ``lims[0]``: the cloud x_t at each of the ``early``
+    steps. Bottom, zoomed to ``lims[1]``: the cloud at each of the ``late`` steps, the final ``samples`` [N, 2], and
+    the paths of the first ``n_paths`` chains from ``paths_from`` to their sample (coloured by t from yellow to
+    purple, ending on dots) over ``data`` in gray.
+
+    ``frames``: ``(t, x_t [N, 2], pred_x0 [N, 2])`` as a :class:`TrajectoryRecorder` keeps them; they must hold
+    each step shown and every t below ``paths_from`` (``TrajectoryRecorder()`` keeps all).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    points = {t: x.cpu() for t, x, _ in frames}
+    missing = sorted((set(early) | set(late) | set(range(paths_from + 1))) - set(points))
+    if missing:
+        raise ValueError(f"frames lack steps {missing[:4]}...: record every step with TrajectoryRecorder()")
+    ncols = max(len(early), len(late) + 2)
+    fig, axes = plt.subplots(2, ncols, figsize=(size * ncols, 2 * size + 0.2), squeeze=False)
+    rows = [{f"t = {t}": points[t] for t in early}, {f"t = {t}": points[t] for t in late} | {"samples": samples}]
+    for row, (panels, lim) in enumerate(zip(rows, lims)):
+        for ax, (name, cloud) in zip(axes[row], panels.items()):
+            ax.scatter(cloud[:, 0], cloud[:, 1], s=1, alpha=0.4)
+            ax.set_title(name, fontsize=10)
+            _square(ax, lim)
+        for ax in axes[row, len(panels) + row:]:
+            ax.set_axis_off()
+    ax = axes[1, len(rows[1])]
+    if data is not None:
+        ax.scatter(data[:, 0], data[:, 1], s=1, alpha=0.2, color="gray")
+    path = torch.stack([points[t][:n_paths] for t in range(paths_from, -1, -1)] + [samples[:n_paths].cpu()], 1)
+    segments = torch.stack([path[:, :-1], path[:, 1:]], 2).reshape(-1, 2, 2)
+    ax.add_collection(LineCollection(segments.numpy(), array=np.tile(np.arange(paths_from, -1, -1), len(path)),
+                                     cmap="viridis", linewidths=0.8))
+    ax.scatter(path[:, -1, 0], path[:, -1, 1], s=8, color="black", zorder=3)
+    ax.set_title(f"paths from t = {paths_from}", fontsize=10)
+    _square(ax, lims[1])
     fig.tight_layout()
     return fig
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 TOC = ROOT / "_toc.yml"
 BUILD = ROOT / "_build"
-HTML = BUILD / "html"
+# The built book under test: this checkout's build, or another build of the same book named by DDPM_BOOK_HTML.
+HTML = Path(os.environ["DDPM_BOOK_HTML"]).resolve() if os.environ.get("DDPM_BOOK_HTML") else BUILD / "html"
 SCREENSHOTS = BUILD / "screenshots"
 
 # {cite}`a,b`, {cite:p}`a`, {cite:t}`a` ... in Markdown sources and notebook Markdown cells.
@@ -75,12 +77,37 @@ def source_text(page: Page) -> str:
     return page.source.read_text(encoding="utf-8")
 
 
+def is_executed(page: Page) -> bool:
+    """Whether MyST-NB executes the page: a notebook, or MyST Markdown with a ``kernelspec`` in its front matter."""
+    if page.source is None:
+        return False
+    if page.source.suffix == ".ipynb":
+        return True
+    front = re.match(r"---\n(.*?)\n---\n", page.source.read_text(encoding="utf-8"), re.S)
+    return front is not None and "kernelspec" in (yaml.safe_load(front.group(1)) or {})
+
+
 def cited_keys(pages: list[Page]) -> set[str]:
     keys: set[str] = set()
     for page in pages:
         for group in CITE_ROLE.findall(source_text(page)):
             keys.update(key.strip() for key in group.split(",") if key.strip())
     return keys
+
+
+def soup_of(path: Path):
+    """The parsed HTML of a built page (a test failure when the page is missing)."""
+    from bs4 import BeautifulSoup
+
+    assert path.is_file(), f"missing built page {path}"
+    return BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
+
+
+def article(soup):
+    """The page content written by the author, without the theme's navigation."""
+    node = soup.find("article") or soup.find("main")
+    assert node is not None, "no <article> or <main> element: the page layout is not the expected one"
+    return node
 
 
 def require_build() -> Path:

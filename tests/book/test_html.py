@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 from bs4 import BeautifulSoup
-from bookpages import ROOT, Page, cited_keys, require_build, source_text
+from bookpages import HTML, ROOT, Page, article, cited_keys, require_build, soup_of, source_text
 
 pytestmark = pytest.mark.book
 
@@ -37,18 +37,6 @@ THEORY_CHAPTERS = [
     "theory/guided_diffusion",
     "theory/evaluation",
 ]
-
-
-def soup_of(path: Path) -> BeautifulSoup:
-    assert path.is_file(), f"missing built page {path}"
-    return BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
-
-
-def article(soup: BeautifulSoup):
-    """The page content written by the author, without the theme's navigation."""
-    node = soup.find("article") or soup.find("main")
-    assert node is not None, "no <article> or <main> element: the page layout is not the expected one"
-    return node
 
 
 def prose_text(soup: BeautifulSoup) -> str:
@@ -89,8 +77,10 @@ def test_no_unresolved_references(html_dir, page):
     assert "undefined label" not in text.lower()
     raw = RAW_ROLE.findall(prose_text(soup))
     assert not raw, f"{page.docname}: roles left as raw text: {raw}"
-    # Sphinx renders a reference it could not resolve as a bare span with class "xref".
-    dangling = [str(tag)[:120] for tag in article(soup).select(".xref") if tag.find_parent("a") is None]
+    # Sphinx renders a reference it could not resolve as a bare span with class "xref"; a resolved one is a link
+    # (MyST-NB's execution table puts the class on the link itself).
+    dangling = [str(tag)[:120] for tag in article(soup).select(".xref")
+                if tag.name != "a" and tag.find_parent("a") is None]
     assert not dangling, f"{page.docname}: unresolved cross-references {dangling}"
     problems = article(soup).select(".problematic, .system-message")
     assert not problems, f"{page.docname}: docutils error output in the page: {[p.get_text()[:80] for p in problems]}"
@@ -260,7 +250,7 @@ def test_notebook_pages_are_clean(html_dir, page):
 def test_theory_versus_practice_table(html_dir):
     """At least eight claims, each with a measured number and a verdict pasted from the notebooks."""
     require_build()
-    page = ROOT / "_build" / "html" / "practice" / "theory_vs_practice.html"
+    page = HTML / "practice" / "theory_vs_practice.html"
     body = article(soup_of(page))
     rows = [row for table in body.select("table") for row in table.select("tbody tr")]
     assert len(rows) >= 8, f"only {len(rows)} claims in the table"
@@ -276,7 +266,7 @@ def test_benchmark_page_shows_the_recorded_results(html_dir):
     """The reference page's tables come from benchmarks/results/unets_cpu.json: every network and every target."""
     require_build()
     results = json.loads((ROOT / "benchmarks" / "results" / "unets_cpu.json").read_text())
-    page = ROOT / "_build" / "html" / "reference" / "benchmarks.html"
+    page = HTML / "reference" / "benchmarks.html"
     body = article(soup_of(page))
     text = " ".join(table.get_text(" ") for table in body.select("table"))
     for name, info in results["networks"].items():
@@ -294,7 +284,7 @@ def test_benchmark_page_shows_the_recipe_search_and_the_presets_targets(html_dir
     results = ROOT / "benchmarks" / "results"
     search = json.loads((results / "recipe_search.json").read_text())
     final = json.loads((results / "train_mnist_cpu.json").read_text())
-    body = article(soup_of(ROOT / "_build" / "html" / "reference" / "benchmarks.html"))
+    body = article(soup_of(HTML / "reference" / "benchmarks.html"))
     text = " ".join(table.get_text(" ") for table in body.select("table"))
     for run in search["runs"]:
         assert run["name"] in text and f"{run['fid']:.1f}" in text, run["name"]
