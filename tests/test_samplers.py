@@ -168,16 +168,39 @@ def test_ddim_step_computes_in_float64_and_returns_the_input_dtype(eta, clip):
     assert got.dtype == torch.float32 and torch.equal(got, want.float())
 
 
-def test_trailing_spacing_is_the_ddim_default_and_starts_at_the_last_step():
-    """Lin et al. (2024), Table 2: N steps T - 1, T - 1 - T/N, ..., T/N - 1, whether or not N divides T."""
+def test_trailing_spacing_starts_at_the_last_step_or_at_sigma_max():
+    """Lin et al. (2024), Table 2: N steps T - 1, T - 1 - T/N, ..., T/N - 1, whether or not N divides T, with
+    ``sigma_max=None``; by default the top step is the last one whose sigma is at most 80 (EDM's cap)."""
+    for sched in (NoiseSchedule.cosine(1000), NoiseSchedule.linear(1000)):
+        assert respaced(sched, 10, "ddim", sigma_max=None).timestep_map.tolist() == list(range(99, 1000, 100))
+        assert torch.equal(respaced(sched, "trailing10", "ddpm").timestep_map,
+                           respaced(sched, 10, "ddim", sigma_max=None).timestep_map)
+        sigma = ((1 - sched.alpha_bar) / sched.alpha_bar).sqrt()
+        top = int((sigma <= 80).sum()) - 1
+        assert sigma[-1] > 80 and sigma[top] <= 80 < sigma[top + 1]  # both schedules reach beyond the cap
+        for n in (10, 50, 51):
+            kept = respaced(sched, n, "ddim").timestep_map
+            assert len(kept) == n and kept[-1] == top  # 50 and 51 steps start at the same level
+            gaps = set(kept.diff().tolist()) | {int(kept[0]) + 1}  # the last jump, to x_0, is as long as the others
+            assert gaps <= {math.floor((top + 1) / n), math.ceil((top + 1) / n)}, (n, gaps)
+    every = respaced(NoiseSchedule.cosine(1000), 1000, "ddim").timestep_map  # all the steps below the cap
+    assert every.tolist() == list(range(len(every))) and len(every) < 1000
+
+
+def test_capped_trailing_ddim_survives_an_imperfect_network_on_the_cosine_schedule():
+    """Starting at T - 1 of the cosine schedule (sigma about 20,000) turns a small error of an epsilon prediction
+    into a huge error of x_0, which nothing clips for latents; starting at sigma <= 80 keeps the samples bounded."""
     sched = NoiseSchedule.cosine(1000)
-    assert respaced(sched, 10, "ddim").timestep_map.tolist() == list(range(99, 1000, 100))
-    for n in (50, 51):
-        kept = respaced(sched, n, "ddim").timestep_map
-        assert len(kept) == n and kept[-1] == 999
-        assert set(kept.diff().tolist()) <= {math.floor(1000 / n), math.ceil(1000 / n)}  # evenly spread
-        assert kept[0] == round(1000 / n - 1)  # the last jump, to x_0, is as long as the others
-    assert torch.equal(respaced(sched, "trailing10", "ddpm").timestep_map, respaced(sched, 10, "ddim").timestep_map)
+    oracle = GaussianOracle(sched, MU, S).double()
+
+    def imperfect(x, t, y=None):  # the exact prediction, off by 1% of its own size
+        return oracle(x, t, y) * 1.01
+
+    x_T = _x_T(1, n=2000)
+    capped = ddim_sample(imperfect, sched, x_T=x_T, steps=50, clip_denoised=False)
+    uncapped = ddim_sample(imperfect, sched, x_T=x_T, steps=50, clip_denoised=False, sigma_max=None)
+    assert abs(capped.mean().item() - MU) < 0.02 and abs(capped.std().item() - S) < 0.05  # data: 0.3 +- 0.2
+    assert uncapped.std().item() > 3 * S  # the error made at sigma = 20,000 is not undone
 
 
 def test_leading_spacing_keeps_the_openai_steps():
@@ -190,7 +213,7 @@ def test_leading_spacing_keeps_the_openai_steps():
     for spacing in ("trailing", "leading"):
         kept = respaced(sched, 10, "ddpm", spacing).timestep_map.tolist()
         assert kept == space_timesteps(1000, 10) and kept[0] == 0 and kept[-1] == 999
-    assert respaced(sched, None, "ddim") is sched and respaced(sched, 1000, "ddim") is sched
+    assert respaced(sched, None, "ddim") is sched and respaced(sched, 1000, "ddim", "leading") is sched
     with pytest.raises(ValueError, match="spacing must be one of trailing, leading"):
         respaced(sched, 10, "ddim", "linspace")
 
@@ -203,8 +226,11 @@ def test_respaced_sampler_calls_the_model_with_original_timesteps(setup):
         seen.append(int(t[0]))
         return torch.zeros_like(x)
 
-    ddim_sample(model, sched, (2, 1), steps=50, device="cpu")
+    ddim_sample(model, sched, (2, 1), steps=50, device="cpu", sigma_max=None)
     assert seen == list(range(999, -1, -20))
+    seen.clear()
+    ddim_sample(model, sched, (2, 1), steps=50, device="cpu")  # capped at sigma 80: the same stride, lower
+    assert seen == respaced(sched, 50, "ddim").timestep_map.flip(0).tolist() and seen[0] < 999
     seen.clear()
     ddim_sample(model, sched, (2, 1), steps=50, spacing="leading", device="cpu")
     assert seen == list(range(980, -1, -20))
@@ -216,7 +242,7 @@ def test_respaced_sampler_calls_the_model_with_original_timesteps(setup):
 def test_callback_sees_every_step_with_predicted_x0(setup):
     sched, oracle = setup
     record = []
-    sample(oracle, sched, x_T=_x_T(n=4), sampler="ddim", steps=25, clip_denoised=False,
+    sample(oracle, sched, x_T=_x_T(n=4), sampler="ddim", steps=25, clip_denoised=False, sigma_max=None,
            callback=lambda t, x_t, x0: record.append((t, x_t.shape, x0.shape)))
     assert [r[0] for r in record] == list(range(999, -1, -40))
     assert all(r[1] == (4, 1) and r[2] == (4, 1) for r in record)
@@ -290,7 +316,7 @@ def test_classifier_guidance_shifts_ddim_eps_by_its_closed_form(setup):
         x0_hat = (x_t - math.sqrt(1 - ab) * eps_hat) / math.sqrt(ab)
         want = math.sqrt(ab_prev) * x0_hat + math.sqrt(1 - ab_prev) * eps_hat
         assert torch.allclose(x_prev, want, rtol=1e-10, atol=1e-12), t
-    assert [t for t, _ in seen] == list(range(999, 0, -100))
+    assert [t for t, _ in seen] == respaced(sched, 10, "ddim").timestep_map.flip(0).tolist()
 
 
 def test_sampler_bad_input(setup):

@@ -179,20 +179,23 @@ def ddim_step(schedule: NoiseSchedule, eps: Tensor, x_t: Tensor, t: int | Tensor
 @torch.no_grad()
 def ddim_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = None, *, x_T: Tensor | None = None,
                 steps: int | str | None = None, eta: float = 0.0, spacing: str = "trailing",
-                y: Tensor | None = None, generator: torch.Generator | None = None,
-                callback: Callback | None = None, guidance: Guidance | None = None, clip_denoised: bool = True,
-                progress: bool = False, device=None, var_type: str | None = None) -> Tensor:
+                sigma_max: float | None = SIGMA_MAX, y: Tensor | None = None,
+                generator: torch.Generator | None = None, callback: Callback | None = None,
+                guidance: Guidance | None = None, clip_denoised: bool = True, progress: bool = False, device=None,
+                var_type: str | None = None) -> Tensor:
     """DDIM sampling (Song et al. 2021) over all T steps or a respaced subset (``steps``).
 
-    An int ``steps`` = N walks the trailing steps T - 1, T - 1 - T/N, ..., T/N - 1 (``spacing="trailing"``, the
-    default, as Lin et al. 2024 recommend in their Table 2), so that 50 and 51 steps both start at T - 1;
-    ``spacing="leading"`` walks the OpenAI code's 0, T/N, ..., T - T/N (``"ddimN"``). A string is a section
+    An int ``steps`` = N walks trailing steps (``spacing="trailing"``, the default, as Lin et al. 2024 recommend in
+    their Table 2): evenly spaced down from the last step whose noise level is at most ``sigma_max`` (80, EDM's; T - 1
+    with ``sigma_max=None``), so that 50 and 51 steps start at the same level and the last jump is as long as the
+    others (``ddpm.spacing.respaced``); ``spacing="leading"`` walks the OpenAI code's 0, T/N, ..., T - T/N
+    (``"ddimN"``). A string is a section
     string of ``NoiseSchedule.respace`` and ignores ``spacing``. Classifier guidance shifts eps by
     -sqrt(1 - alpha_bar_t) s grad log p(y | x_t) (Dhariwal & Nichol Algorithm 2). ``var_type`` is accepted for a
     uniform signature and ignored: DDIM sets its own variance. Returns x_0 [N, ...].
     """
     guidance = guidance or _NO_GUIDANCE
-    sched = respaced(schedule, steps, "ddim", spacing)
+    sched = respaced(schedule, steps, "ddim", spacing, sigma_max)
     x = _initial_noise(model, sched, shape, x_T, generator, device)
     for i in _steps(sched, progress, "DDIM"):
         eps, pred_x0 = _eps_and_x0(model, sched, x, i, y, guidance, clip_denoised)

@@ -218,7 +218,14 @@ class NoiseSchedule:
         so that alpha_bar is unchanged at every kept step; ``timestep_map`` sends each new index to the original
         timestep the model was trained on.
         """
-        kept = space_timesteps(self.T, section_counts)
+        return self.keep(space_timesteps(self.T, section_counts))
+
+    def keep(self, kept: Sequence[int]) -> "NoiseSchedule":
+        """The schedule over the given timesteps ``kept`` (ascending, distinct indices into this schedule), with the
+        betas recomputed as in :meth:`respace` so that alpha_bar is unchanged at every kept step."""
+        kept = [int(k) for k in kept]
+        if not kept or kept != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= self.T:
+            raise ValueError(f"kept timesteps must be distinct, ascending and in [0, {self.T - 1}], got {kept[:5]}...")
         alpha_bar = self.alpha_bar[kept]
         prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         betas = 1.0 - alpha_bar / prev

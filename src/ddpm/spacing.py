@@ -4,11 +4,17 @@ the ODE solvers (Heun, DPM-Solver++).
 Timesteps are 0-based as everywhere in the package (``t = T - 1`` is the noisiest step), and
 sigma = sqrt((1 - alpha_bar) / alpha_bar) is the noise level of Karras et al. (2022).
 
-* DDIM with N steps walks the *trailing* steps T - 1, T - 1 - T/N, ..., T/N - 1 by default: it starts where the
-  schedule has removed the most signal, and its last jump, to x_0, is as long as the others. Lin et al. (2024),
-  Table 2, find it better than the *leading* stride 0, T/N, ..., T - T/N of the OpenAI code (``"ddimN"``), which
-  on the cosine schedule with N = 10 starts at t = 900, where 15% of the signal is still present, and whose start
-  depends on whether N divides T. ``spacing="leading"`` keeps the OpenAI steps.
+* DDIM with N steps walks *trailing* steps by default: evenly spaced from the top step down, so that its last
+  jump, to x_0, is as long as the others. Lin et al. (2024), Table 2, find it better than the *leading* stride
+  0, T/N, ..., T - T/N of the OpenAI code (``"ddimN"``), which on the cosine schedule with N = 10 starts at
+  t = 900, where 15% of the signal is still present, and whose start depends on whether N divides T.
+  ``spacing="leading"`` keeps the OpenAI steps. The top step is T - 1 unless the schedule's noise level there
+  exceeds sigma_max = 80, as it does for both of the book's schedules (about 150 for the linear one, 20,000 for
+  the cosine one after its max_beta clipping): then it is the last step with sigma <= 80, the level at which the
+  solvers below start too. Starting higher does not help an epsilon-predicting network: its prediction of x_0 is
+  (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar), so at sigma = 20,000 an error of 0.01 in eps becomes an error
+  of about 200 in x_0, which clipping to the pixel range hides but nothing bounds for latents. ``sigma_max=None``
+  starts at T - 1 (Lin et al.'s trailing spacing exactly; also the section string ``"trailingN"``).
 * Ancestral sampling with N steps keeps the OpenAI even spacing (Nichol & Dhariwal 2021, Sec. 4), which already
   includes both T - 1 and 0.
 * The solvers spread their levels uniformly in t (trailing), in log-SNR (Lu et al. 2022) or in sigma^(1/rho)
@@ -36,14 +42,18 @@ SIGMA_MAX = 80.0  # Karras et al. (2022), Table 1: the largest noise level EDM s
 
 
 def respaced(schedule: NoiseSchedule, steps: int | str | Sequence[int] | None, sampler: str,
-             spacing: str = "trailing") -> NoiseSchedule:
+             spacing: str = "trailing", sigma_max: float | None = SIGMA_MAX) -> NoiseSchedule:
     """The schedule a sampler walks: all T steps (``steps=None`` or T), or a respaced one.
 
-    An int N for ``sampler="ddim"`` gives the trailing steps T - 1, T - 1 - T/N, ..., T/N - 1 (``spacing="trailing"``,
-    the default; Lin et al. 2024, Table 2), or with ``spacing="leading"`` the OpenAI code's ``"ddimN"`` stride
-    0, T/N, ..., T - T/N when N divides T and its even spacing otherwise. An int N for any other sampler gives N
-    steps spread evenly over [0, T - 1] (the OpenAI respacing, which includes T - 1 and 0); ``spacing`` then plays
-    no part. A string is passed to ``NoiseSchedule.respace`` (``"10,15,20"``, ``"ddim50"``, ``"trailing50"``).
+    An int N for ``sampler="ddim"`` gives N trailing steps (``spacing="trailing"``, the default; Lin et al. 2024,
+    Table 2): evenly spaced from the top step tau down, tau - k (tau + 1) / N for k = 0 .. N - 1 (rounded), where tau
+    is the last step whose noise level does not exceed ``sigma_max`` (T - 1 with ``sigma_max=None`` or when the
+    schedule stays below it; for T = 1000 and N = 10 uncapped: 999, 899, ..., 99); N >= tau + 1 keeps every step
+    up to tau. With ``spacing="leading"`` it
+    gives the OpenAI code's ``"ddimN"`` stride 0, T/N, ..., T - T/N when N divides T and its even spacing otherwise.
+    An int N for any other sampler gives N steps spread evenly over [0, T - 1] (the OpenAI respacing, which includes
+    T - 1 and 0); ``spacing`` and ``sigma_max`` then play no part. A string is passed to ``NoiseSchedule.respace``
+    (``"10,15,20"``, ``"ddim50"``, ``"trailing50"``).
     """
     if spacing not in DDIM_SPACINGS:
         raise ValueError(f"spacing must be one of {', '.join(DDIM_SPACINGS)}, got {spacing!r}")
@@ -52,10 +62,13 @@ def respaced(schedule: NoiseSchedule, steps: int | str | Sequence[int] | None, s
     if isinstance(steps, int):
         if isinstance(steps, bool) or not 1 <= steps <= schedule.T:
             raise ValueError(f"steps must lie in [1, T={schedule.T}], got {steps!r}")
+        if sampler == "ddim" and spacing == "trailing":
+            top = _top_step(schedule, sigma_max)
+            if steps >= top + 1:  # every step up to the cap
+                return schedule if top == schedule.T - 1 else schedule.keep(range(top + 1))
+            return schedule.keep(sorted(round(top - k * (top + 1) / steps) for k in range(steps)))
         if steps == schedule.T:
             return schedule
-        if sampler == "ddim" and spacing == "trailing":
-            return schedule.respace(f"trailing{steps}")
         if sampler == "ddim" and schedule.T % steps == 0:
             return schedule.respace(f"ddim{steps}")
     return schedule.respace(steps)
