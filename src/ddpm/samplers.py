@@ -10,8 +10,9 @@ step, a ``guidance`` hook and ``progress=False``. One reverse step is a visible 
   (``NoiseSchedule.respace``) and the model is still given the original timesteps. Ancestral sampling with N
   steps keeps their even spacing, which includes T - 1 and 0.
 * DDIM: Song et al. 2021, Eq. 12, with eta = 0 deterministic and eta = 1 matching the ancestral variance. With N
-  steps it walks the *trailing* steps T - 1, T - 1 - T/N, ..., T/N - 1 by default (Lin et al. 2024, Table 2),
-  or with ``spacing="leading"`` the OpenAI stride 0, T/N, ..., T - T/N (``"ddimN"``); see ``ddpm.spacing``.
+  steps it walks *trailing* steps by default (Lin et al. 2024, Table 2), evenly spread down from the last step
+  whose noise level is at most sigma_max = 80 (T - 1 with ``sigma_max=None``), or with ``spacing="leading"`` the
+  OpenAI stride 0, T/N, ..., T - T/N (``"ddimN"``); see ``ddpm.spacing``.
 * Heun: Karras et al. 2022, Algorithm 1 (second order, a last Euler step to sigma = 0), in their variables
   x_hat = x / sqrt(alpha_bar) and sigma = sqrt((1 - alpha_bar) / alpha_bar), where eta = 0 DDIM is Euler.
 * DPM-Solver++(2M): Lu et al. 2022b, Algorithm 2 (multistep, second order, data prediction).
