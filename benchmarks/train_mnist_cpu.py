@@ -33,8 +33,8 @@ so that a longer or shorter run is recorded beside the preset's record instead o
 other than the preset's ends it in ``_seed<S>``, and each ``--set KEY=VALUE`` (a field of the preset, ``model.KEY``
 for a field of its network; the value is read as JSON, else as a string) adds ``_set_<KEY>-<VALUE>``: an ablation,
 one change from the preset at its full length, recorded beside it (``mnist_cpu_set_ema_warmup-false``);
-``--set model_type=unet`` trains the preset's alternative network instead of its own (for ``mnist-latent``, a U-Net
-on the same latents: ``ddpm.presets.ALTERNATIVE_NETWORKS``). The error bars of one record count the sampling only;
+``--set model_type=dit`` trains the preset's alternative network instead of its own (for ``mnist-latent``, a
+diffusion transformer on the same latents: ``ddpm.presets.ALTERNATIVE_NETWORKS``). The error bars of one record count the sampling only;
 a second training seed shows how much one training run differs from the next.
 """
 

@@ -153,22 +153,21 @@ def test_an_ablation_changes_the_named_fields_and_names_its_record():
 
 
 def test_an_ablation_can_swap_in_the_presets_alternative_network_before_changing_its_fields():
+    from ddpm.dit import DiT
     from ddpm.presets import ALTERNATIVE_NETWORKS
-    from ddpm.unet import UNet
 
     bench = load_script("train_mnist_cpu")
-    swap = ALTERNATIVE_NETWORKS["mnist-latent"]["unet"]
-    fields, asked, suffix = bench.parse_overrides(["model.model_channels=32", "model_type=unet"],
-                                                  get_preset("mnist-latent"))
-    assert fields["model_type"] == "unet" and fields["model"] == {**swap, "model_channels": 32}
-    assert suffix == "_set_model_type-unet_set_model_channels-32"
+    swap = ALTERNATIVE_NETWORKS["mnist-latent"]["dit"]
+    fields, asked, suffix = bench.parse_overrides(["model.hidden=64", "model_type=dit"], get_preset("mnist-latent"))
+    assert fields["model_type"] == "dit" and fields["model"] == {**swap, "hidden": 64}
+    assert suffix == "_set_model_type-dit_set_hidden-64"
     config = get_preset("mnist-latent", **fields)
-    assert config.model_config().model_channels == 32 and config.is_latent
+    assert config.model_config().hidden == 64 and config.is_latent
     # the alternative is the size its comment states, on the preset's latents
-    net = UNet(get_preset("mnist-latent", model_type="unet", model=swap).model_config())
-    assert round(sum(p.numel() for p in net.parameters()) / 1e6, 2) == 0.61
-    dit = get_preset("mnist-latent").model_config()
-    assert (swap["in_channels"], swap["image_size"]) == (dit.in_channels, dit.image_size)
+    net = DiT(get_preset("mnist-latent", model_type="dit", model=swap).model_config())
+    assert round(sum(p.numel() for p in net.parameters()) / 1e6, 2) == 0.72
+    unet = get_preset("mnist-latent").model_config()
+    assert (swap["in_channels"], swap["image_size"]) == (unet.in_channels, unet.image_size)
     with pytest.raises(SystemExit, match="mnist-cpu has no 'dit' network to swap in; valid: unet"):
         bench.parse_overrides(["model_type=dit"], get_preset("mnist-cpu"))
 

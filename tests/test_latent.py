@@ -50,9 +50,9 @@ def test_the_config_of_a_latent_model():
     assert "autoencoder" not in pixel.to_dict()  # a pixel model's dict and hash are unchanged
 
 
-def test_the_latent_preset_is_a_dit_on_the_autoencoders_latents():
+def test_the_latent_preset_is_a_unet_on_the_autoencoders_latents():
     config = get_preset("mnist-latent")
-    assert config.model_type == "dit" and config.is_latent
+    assert config.model_type == "unet" and config.is_latent
     mc = config.model_config()
     assert (mc.in_channels, mc.image_size, mc.image_size) == config.sample_shape == (4, 7, 7)
     assert config.num_classes == 10 and config.label_dropout > 0
