@@ -213,6 +213,7 @@ def main() -> None:
     report = {
         "preset": info["preset"],
         "recipe": recipe_summary(config),
+        "model_type": config.model_type,
         "parameters": info["parameters"],
         "steps": info["steps"],
         "training_seed": config.seed,
