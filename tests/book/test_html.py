@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 from bs4 import BeautifulSoup
 from bookpages import HTML, ROOT, Page, article, cited_keys, require_build, soup_of, source_text
+from ddpm.book import VERDICTS
 
 pytestmark = pytest.mark.book
 
@@ -248,7 +249,8 @@ def test_notebook_pages_are_clean(html_dir, page):
 
 
 def test_theory_versus_practice_table(html_dir):
-    """At least eight claims, each with a measured number and a verdict pasted from the notebooks."""
+    """At least eight claims, each with a measured number, a verdict of ``ddpm.book`` pasted from the notebooks, and
+    the n of every FID."""
     require_build()
     page = HTML / "practice" / "theory_vs_practice.html"
     body = article(soup_of(page))
@@ -258,8 +260,11 @@ def test_theory_versus_practice_table(html_dir):
         cells = row.select("td")
         pasted = [span.get_text() for span in row.select("span.pasted-text")]
         assert any(re.search(r"\d", p) for p in pasted), f"no measured number in row {cells[0].get_text()[:60]!r}"
-        assert pasted and pasted[-1] in ("held", "did not hold", "inconclusive"), (
-            f"no verdict in row {cells[0].get_text()[:60]!r}")
+        assert pasted and pasted[-1] in VERDICTS, f"no verdict in row {cells[0].get_text()[:60]!r}"
+        if "FID" in cells[1].get_text():  # every FID with its sample size, in the row or the one above it
+            setting = cells[2].get_text(" ")
+            assert re.search(r"\bn = ", setting) or setting.startswith("as above"), (
+                f"an FID without its n in row {cells[0].get_text()[:60]!r}")
 
 
 def test_benchmark_page_shows_the_recorded_results(html_dir):
