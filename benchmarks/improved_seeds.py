@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from ddpm.likelihood import bpd_terms
 from ddpm.metrics import fid_with_error, heldout_floor, load_or_train_mnist_classifier, pooled_digit_features
 from ddpm.presets import improved_variants
 from ddpm.samplers import sample
+from train_mnist_cpu import cpu_name  # the script beside this one
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: (sampler, steps, reverse variance) of every run, by variant: the L_hybrid models sample with their learned
@@ -52,16 +52,6 @@ for _runs in RUNS.values():
 def run_key(sampler: str, steps: int, var_type: str | None) -> str:
     """The name of a run in the record: ``ddpm-25-learned_range``, ``ddim-50``."""
     return f"{sampler}-{steps}" + (f"-{var_type}" if var_type else "")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
