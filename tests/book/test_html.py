@@ -263,7 +263,7 @@ def test_theory_versus_practice_table(html_dir):
         assert pasted and pasted[-1] in VERDICTS, f"no verdict in row {cells[0].get_text()[:60]!r}"
         if "FID" in cells[1].get_text():  # every FID with its sample size, in the row or the one above it
             setting = cells[2].get_text(" ")
-            assert re.search(r"\bn = ", cells[1].get_text(" ") + setting) or setting.startswith("as above"), (
+            assert re.search(r"\bn = ", cells[1].get_text(" ") + " " + setting) or setting.startswith("as above"), (
                 f"an FID without its n in row {cells[0].get_text()[:60]!r}")
 
 
