@@ -261,9 +261,9 @@ def test_theory_versus_practice_table(html_dir):
         pasted = [span.get_text() for span in row.select("span.pasted-text")]
         assert any(re.search(r"\d", p) for p in pasted), f"no measured number in row {cells[0].get_text()[:60]!r}"
         assert pasted and pasted[-1] in VERDICTS, f"no verdict in row {cells[0].get_text()[:60]!r}"
-        if "FID" in cells[1].get_text():  # every FID with its sample size, in the row or the one above it
-            setting = cells[2].get_text(" ")
-            assert re.search(r"\bn = ", cells[1].get_text(" ") + " " + setting) or setting.startswith("as above"), (
+        measured, setting = cells[1].get_text(" "), cells[2].get_text(" ")
+        if "FID" in measured:  # every FID with its sample size, in the row or the one above it
+            assert re.search(r"\bn = ", f"{measured} {setting}") or setting.startswith("as above"), (
                 f"an FID without its n in row {cells[0].get_text()[:60]!r}")
 
 
