@@ -11,6 +11,11 @@ it unchanged. The label ``y = k`` selects component k (the class-conditional mod
 label, ``config.num_classes``) or ``y = None`` is the whole mixture, which is what classifier-free guidance
 needs. Labels are integers ``[N]``, one per point; any other label is refused with a ``ValueError``. The book uses it for figures that need a perfect model and the tests use it to pin samplers to the
 exact probability-flow ODE (:func:`gaussian_ode_solution`).
+
+:class:`GaussianMixtureVelocity` is the same for flow matching: the exact marginal velocity E[eps - x_0 | x_t] of
+the linear path x_t = (1 - t) x_0 + t eps (``ddpm.flow``), on which x_t given component k is
+N((1 - t) m_k, ((1 - t)^2 s_k^2 + t^2) I); :func:`linear_ode_solution` carries that path's ODE exactly for
+Gaussian data.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from torch import Tensor, nn
 
 from .schedule import NoiseSchedule
 
-__all__ = ["GaussianMixtureEps", "gaussian_ode_solution", "edm_sigma"]
+__all__ = ["GaussianMixtureEps", "GaussianMixtureVelocity", "gaussian_ode_solution", "linear_ode_solution", "edm_sigma"]
 
 
 def edm_sigma(alpha_bar: Tensor) -> Tensor:
@@ -131,3 +136,56 @@ def gaussian_ode_solution(x: Tensor, ab_from: float, ab_to: float, mean: float =
     x_hat = x.to(torch.float64) / ab_from.sqrt()
     x_hat_to = mean + (x_hat - mean) * ((std ** 2 + s_to ** 2) / (std ** 2 + s_from ** 2)).sqrt()
     return (x_hat_to * ab_to.sqrt()).to(x.dtype)
+
+
+class GaussianMixtureVelocity(GaussianMixtureEps):
+    """The exact marginal velocity ``E[eps - x_0 | x_t, y]`` of the linear path for isotropic Gaussian-mixture data,
+    called like a flow network: ``model(x [N, d], t_net [N], y)`` with flow time ``t = t_net / FLOW_TIME_SCALE``.
+
+    Given component k, x_t and (x_0, eps) are jointly Gaussian, so with ``c_k = (1 - t)^2 s_k^2 + t^2`` and
+    ``r = x_t - (1 - t) m_k``: ``E[eps | x_t, k] = t r / c_k`` and ``E[x_0 | x_t, k] = m_k + (1 - t) s_k^2 r / c_k``; the
+    marginal velocity averages ``t r / c_k - m_k - (1 - t) s_k^2 r / c_k`` over ``p(k | x_t)``. Labels as in
+    :class:`GaussianMixtureEps` (no schedule: the path is the flow's).
+    """
+
+    def __init__(self, means, stds=1.0, weights=None):
+        super().__init__(None, means, stds, weights)
+
+    def _log_resp_and_terms(self, x: Tensor, t: Tensor, y: Tensor | None):
+        from .flow import FLOW_TIME_SCALE
+
+        xd = x.reshape(x.shape[0], -1).to(torch.float64)
+        tf = (t.to(torch.float64) / FLOW_TIME_SCALE).reshape(-1, 1)  # [N, 1]
+        mean = (1 - tf).unsqueeze(-1) * self.means.to(x.device)  # [N, K, d]
+        var = (1 - tf) ** 2 * self.stds.to(x.device) ** 2 + tf ** 2  # [N, K]
+        d = xd.shape[1]
+        sq = ((xd.unsqueeze(1) - mean) ** 2).sum(-1)
+        logp = self.weights.to(x.device).log() - 0.5 * sq / var - 0.5 * d * torch.log(2 * math.pi * var)
+        if y is not None:
+            y = self._labels(y, x.shape[0], null=True).to(x.device)
+            k = self.num_components
+            pick = torch.nn.functional.one_hot(y.clamp(max=k - 1), k).bool() | (y == k).unsqueeze(1)
+            logp = logp.masked_fill(~pick, -math.inf)
+        return xd, logp, mean, var
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        from .flow import FLOW_TIME_SCALE
+
+        xd, logp, mean, var = self._log_resp_and_terms(x, t, y)
+        resp = torch.softmax(logp, dim=1).unsqueeze(-1)  # p(k | x_t) [N, K, 1]
+        tf = (t.to(torch.float64) / FLOW_TIME_SCALE).reshape(-1, 1, 1)
+        r = xd.unsqueeze(1) - mean  # [N, K, d]
+        s2 = (self.stds.to(x.device) ** 2).reshape(1, -1, 1)
+        u = (tf * r - (1 - tf) * s2 * r) / var.unsqueeze(-1) - self.means.to(x.device)
+        return (resp * u).sum(1).reshape(x.shape).to(x.dtype)
+
+
+def linear_ode_solution(x: Tensor, t_from: float, t_to: float, mean: float = 0.0, std: float = 1.0) -> Tensor:
+    """The linear path's ODE (``ddpm.flow``) carried exactly from x at flow time ``t_from`` to ``t_to``, data
+    N(mean, std^2): the marginal at t is N((1 - t) mean, (1 - t)^2 std^2 + t^2), and the ODE keeps
+    (x - (1 - t) mean) / sqrt((1 - t)^2 std^2 + t^2) constant. ``t_to = 0`` gives the sample the ODE reaches."""
+    def scale(t):
+        return math.sqrt((1 - t) ** 2 * std ** 2 + t ** 2)
+    x64 = x.to(torch.float64)
+    out = (1 - t_to) * mean + (x64 - (1 - t_from) * mean) * (scale(t_to) / scale(t_from))
+    return out.to(x.dtype)

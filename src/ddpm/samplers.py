@@ -39,7 +39,7 @@ from .spacing import DDIM_SPACINGS, KARRAS_RHO, SIGMA_MAX, SPACINGS, respaced, s
 
 __all__ = ["Guidance", "model_output", "p_sample_step", "ddpm_sample", "ddim_step", "ddim_sample", "heun_sample",
            "dpm_solver_sample", "solver_timesteps", "nfe", "sample", "sample_in_batches", "SAMPLERS", "SPACINGS",
-           "respaced", "DDIM_SPACINGS", "KARRAS_RHO", "SIGMA_MAX"]
+           "respaced", "DDIM_SPACINGS", "KARRAS_RHO", "SIGMA_MAX", "initial_noise", "with_progress", "in_batches"]
 
 SAMPLERS = ("ddpm", "ddim", "heun", "dpm++2m")
 DEFAULT_STEPS = {"heun": 18, "dpm++2m": 20}  # EDM's 35 NFE; DPM-Solver++'s 20 NFE
@@ -77,7 +77,7 @@ def _batch_t(i: int, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
 
 
-def _initial_noise(model, schedule, shape, x_T, generator, device) -> Tensor:
+def initial_noise(model, shape, x_T, generator, device) -> Tensor:
     if x_T is not None:
         return x_T
     if shape is None:
@@ -88,7 +88,8 @@ def _initial_noise(model, schedule, shape, x_T, generator, device) -> Tensor:
     return randn_like(torch.empty(tuple(shape), device=device), generator)
 
 
-def _with_progress(items, progress: bool, desc: str):
+def with_progress(items, progress: bool, desc: str):
+    """``items``, behind a tqdm bar when ``progress``."""
     if progress:
         from tqdm.auto import tqdm
         return tqdm(items, desc=desc, leave=False)
@@ -96,7 +97,7 @@ def _with_progress(items, progress: bool, desc: str):
 
 
 def _steps(schedule: NoiseSchedule, progress: bool, desc: str):
-    return _with_progress(range(schedule.T - 1, -1, -1), progress, desc)
+    return with_progress(range(schedule.T - 1, -1, -1), progress, desc)
 
 
 def p_sample_step(model, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, *, y: Tensor | None = None,
@@ -133,7 +134,7 @@ def ddpm_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = No
     ``clip_denoised``).
     """
     sched = respaced(schedule, steps, "ddpm")
-    x = _initial_noise(model, sched, shape, x_T, generator, device)
+    x = initial_noise(model, shape, x_T, generator, device)
     for i in _steps(sched, progress, "DDPM"):
         t = _batch_t(i, x)
         out = p_sample_step(model, sched, x, t, y=y, guidance=guidance, var_type=var_type,
@@ -197,7 +198,7 @@ def ddim_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = No
     """
     guidance = guidance or _NO_GUIDANCE
     sched = respaced(schedule, steps, "ddim", spacing, sigma_max)
-    x = _initial_noise(model, sched, shape, x_T, generator, device)
+    x = initial_noise(model, shape, x_T, generator, device)
     for i in _steps(sched, progress, "DDIM"):
         eps, pred_x0 = _eps_and_x0(model, sched, x, i, y, guidance, clip_denoised)
         x_next = ddim_step(sched, eps, x, i, i - 1, eta=eta, generator=generator)
@@ -239,7 +240,7 @@ def _solver_steps(schedule: NoiseSchedule, steps: int, spacing: str, sigma_max: 
                   desc: str):
     """Pairs (i, j) of consecutive step indices, the last pair ending at j = -1 (sigma = 0, x_0)."""
     idx = solver_timesteps(schedule, steps, spacing, sigma_max).tolist()
-    return _with_progress(list(zip(idx, idx[1:] + [-1])), progress, desc)
+    return with_progress(list(zip(idx, idx[1:] + [-1])), progress, desc)
 
 
 @torch.no_grad()
@@ -261,7 +262,7 @@ def heun_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | None = No
     """
     guidance = guidance or _NO_GUIDANCE
     steps = DEFAULT_STEPS["heun"] if steps is None else steps
-    x = _initial_noise(model, schedule, shape, x_T, generator, device)
+    x = initial_noise(model, shape, x_T, generator, device)
     ab = schedule.alpha_bar.tolist()
     for i, j in _solver_steps(schedule, steps, spacing, sigma_max, progress, "Heun"):
         eps, x0 = _eps_and_x0(model, schedule, x, i, y, guidance, clip_denoised)
@@ -299,7 +300,7 @@ def dpm_solver_sample(model, schedule: NoiseSchedule, shape: Sequence[int] | Non
         raise ValueError(f"order must be 1 or 2, got {order!r}")
     guidance = guidance or _NO_GUIDANCE
     steps = DEFAULT_STEPS["dpm++2m"] if steps is None else steps
-    x = _initial_noise(model, schedule, shape, x_T, generator, device)
+    x = initial_noise(model, shape, x_T, generator, device)
     ab = schedule.alpha_bar.tolist()
     x0_prev, h_prev = None, None
     for i, j in _solver_steps(schedule, steps, spacing, sigma_max, progress, "DPM-Solver++"):
@@ -342,12 +343,20 @@ def sample_in_batches(model, schedule: NoiseSchedule, shape: Sequence[int], n: i
     The keyword arguments (``sampler``, ``steps``, ``generator``, ``guidance``, ...) go to every call; one
     generator is used by the batches in turn. Returns ``[n, *shape]`` on the CPU.
     """
-    for name, given in (("y", y), ("x_T", x_T)):
+    def draw(b, y_b, x_b):
+        return sample(model, schedule, (b, *shape), y=y_b, x_T=x_b, **kwargs)
+    return in_batches(draw, n, batch_size, y, x_T, "x_T")
+
+
+def in_batches(draw, n: int, batch_size: int, y: Tensor | None, x_start: Tensor | None, start_name: str) -> Tensor:
+    """``draw(b, y_b, x_b)`` called on consecutive batches of at most ``batch_size`` of ``n`` samples, with the
+    matching rows of ``y`` and of the starting noise ``x_start`` (each ``[n, ...]`` or None, named ``"y"`` and
+    ``start_name`` in errors); the results concatenated on the CPU."""
+    for name, given in (("y", y), (start_name, x_start)):
         if given is not None and len(given) != n:
             raise ValueError(f"{name} must hold n={n} rows, got {len(given)}")
     out = []
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
-        part = {"y": None if y is None else y[i: i + b], "x_T": None if x_T is None else x_T[i: i + b]}
-        out.append(sample(model, schedule, (b, *shape), **part, **kwargs).cpu())
+        out.append(draw(b, None if y is None else y[i: i + b], None if x_start is None else x_start[i: i + b]).cpu())
     return torch.cat(out)
