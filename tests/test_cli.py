@@ -166,6 +166,9 @@ def test_sampler_names_of_the_command_line_are_the_package_samplers():
     from ddpm.samplers import SAMPLERS
 
     assert cli.SAMPLER_NAMES == SAMPLERS
+    from ddpm.flow import FLOW_METHODS
+
+    assert cli.FLOW_SAMPLER_NAMES == FLOW_METHODS
 
 
 def test_preset_names_of_the_command_line_are_the_package_presets(capsys):
@@ -225,7 +228,9 @@ def test_sample_refuses_bad_input(tmp_path, capsys, image_ckpt, toy_ckpt):
                        match="must be a finite number >= 0")
     assert_usage_error(capsys, *base, "--out", tmp_path / "a.jpg",
                        match="python -m ddpm sample: --out must end in .png or .npz")
-    assert_usage_error(capsys, *base, "--sampler", "euler", "--out", tmp_path / "a.png", match="invalid choice: 'euler'")
+    assert_usage_error(capsys, *base, "--sampler", "rk4", "--out", tmp_path / "a.png", match="invalid choice: 'rk4'")
+    assert_usage_error(capsys, *base, "--sampler", "euler", "--out", tmp_path / "a.png",
+                       match="is a diffusion model; use one of ddpm, ddim, heun, dpm++2m")
     assert_usage_error(capsys, "sample", "--checkpoint", tmp_path / "missing", "--out", tmp_path / "a.png",
                        match="not found")
     assert_usage_error(capsys, "sample", "--checkpoint", toy_ckpt, "--out", tmp_path / "a.png",

@@ -112,7 +112,7 @@ def test_presets(monkeypatch):
     assert cpu.num_classes == 10 and cpu.label_dropout > 0 and 64 <= cpu.batch_size <= 128
     assert presets.get_preset("toy2d").model_type == "mlp"
     assert presets.get_preset("toy2d", steps=7).steps == 7
-    with pytest.raises(ValueError, match="unknown preset 'mnist'; valid presets are toy2d, mnist-cpu, mnist-gpu, cifar10-gpu"):
+    with pytest.raises(ValueError, match="unknown preset 'mnist'; valid presets are toy2d, mnist-cpu, mnist-flow, mnist-gpu, cifar10-gpu"):
         presets.get_preset("mnist")
     monkeypatch.setenv("DDPM_PROFILE", "gpu")
     assert presets.profile() == "gpu" and presets.mnist_preset() == "mnist-gpu"

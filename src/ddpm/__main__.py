@@ -21,10 +21,12 @@ import math
 import sys
 from pathlib import Path
 
-# the names of ddpm.samplers.SAMPLERS, kept here so that `--help` does not import torch (a test compares them)
+# the names of ddpm.samplers.SAMPLERS and ddpm.flow.FLOW_METHODS, kept here so that `--help` does not import torch
+# (a test compares them); "heun" names Karras et al.'s for a diffusion model and the flow's for a flow
 SAMPLER_NAMES = ("ddpm", "ddim", "heun", "dpm++2m")
+FLOW_SAMPLER_NAMES = ("euler", "midpoint", "heun")
 # the names of ddpm.presets.PRESETS, for the same reason
-PRESET_NAMES = ("toy2d", "mnist-cpu", "mnist-gpu", "cifar10-gpu", "mnist-latent", "mnist14")
+PRESET_NAMES = ("toy2d", "mnist-cpu", "mnist-flow", "mnist-gpu", "cifar10-gpu", "mnist-latent", "mnist14")
 
 PROG = "python -m ddpm"
 
@@ -86,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "grid; an .npz output follows OpenAI's evaluation format (arr_0 uint8 [N, H, W, C], "
                        "arr_1 int64 labels for class-conditional samples).")
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim",
-                   help="ancestral DDPM, DDIM (eta = 0), Heun (Karras et al.) or DPM-Solver++(2M)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES + FLOW_SAMPLER_NAMES[:2],
+                   help="a diffusion model: ancestral DDPM, DDIM (eta = 0, the default), Heun (Karras et al.) or "
+                   "DPM-Solver++(2M); a flow (mnist-flow): euler (the default), midpoint or heun")
     p.add_argument("--steps", type=_positive("--steps"),
-                   help="sampling steps (default: all T for ddpm and ddim, 18 noise levels for heun, 20 for dpm++2m)")
+                   help="sampling steps (default: all T for ddpm and ddim, 18 noise levels for heun, 20 for dpm++2m; "
+                   "16 for a flow)")
     p.add_argument("--n", type=_positive("--n"), default=64, help="number of samples (default 64)")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--class", dest="label", type=_nonneg_int, help="class label of every sample")
@@ -250,8 +254,18 @@ def cmd_sample(args) -> int:
     if info.kind != "image":
         raise UsageError(f"{args.checkpoint} is a model of 2-D points; sample it from Python (ddpm.samplers)")
     schedule = NoiseSchedule.from_name(config.schedule, config.T)
-    if args.steps is not None and args.steps > config.T:
+    flow = config.objective == "flow"
+    names = FLOW_SAMPLER_NAMES if flow else SAMPLER_NAMES
+    if args.sampler is None:
+        args.sampler = names[0] if flow else "ddim"
+    if args.sampler not in names:
+        kind = "a flow (objective 'flow')" if flow else "a diffusion model"
+        raise UsageError(f"--sampler {args.sampler}: {args.checkpoint} is {kind}; use one of {', '.join(names)}")
+    if not flow and args.steps is not None and args.steps > config.T:
         raise UsageError(f"--steps must be at most T = {config.T}, got {args.steps}")
+    if flow and args.classifier is not None:
+        raise UsageError("--classifier: classifier guidance needs a diffusion model; guide a flow with "
+                         "--guidance-scale (classifier-free)")
 
     classifier = None
     if args.classifier is not None:
@@ -293,9 +307,17 @@ def cmd_sample(args) -> int:
     # a latent model samples latents (which are not clipped to the pixel range) and decodes them to images
     autoencoder = load_autoencoder(args.checkpoint, config, device=device)
     with torch.no_grad():
-        x = sample_in_batches(model, schedule, config.sample_shape, args.n, batch_size=args.batch_size, y=y,
-                              sampler=args.sampler, steps=args.steps, generator=generator, guidance=guidance,
-                              device=device, clip_denoised=autoencoder is None, **variance)
+        if flow:
+            from .flow import DEFAULT_FLOW_STEPS, flow_nfe, flow_sample_in_batches
+
+            args.steps = DEFAULT_FLOW_STEPS if args.steps is None else args.steps
+            x = flow_sample_in_batches(model, config.sample_shape, args.n, batch_size=args.batch_size, y=y,
+                                       method=args.sampler, steps=args.steps, generator=generator,
+                                       guidance=guidance, device=device).clamp(-1, 1)
+        else:
+            x = sample_in_batches(model, schedule, config.sample_shape, args.n, batch_size=args.batch_size, y=y,
+                                  sampler=args.sampler, steps=args.steps, generator=generator, guidance=guidance,
+                                  device=device, clip_denoised=autoencoder is None, **variance)
         if autoencoder is not None:
             from .autoencoder import decode_in_batches
 
@@ -305,7 +327,7 @@ def cmd_sample(args) -> int:
     except OSError as exc:
         raise UsageError(f"--out {args.out}: cannot write it ({exc.strerror or type(exc).__name__}); the samples "
                          "were not saved") from None
-    steps = nfe(args.sampler, args.steps, config.T)
+    steps = flow_nfe(args.sampler, args.steps) if flow else nfe(args.sampler, args.steps, config.T)
     what = (f"class {args.label}" if args.label is not None else
             "labels drawn from the training set's class frequencies" if args.labels == "random" else
             "classes cycled" if y is not None else "unconditional")
@@ -325,6 +347,9 @@ def cmd_nll(args) -> int:
 
     device = _device(args.device)
     model, config, _ = load_model(args.checkpoint, device=device)
+    if config.objective == "flow":
+        raise UsageError(f"{args.checkpoint} is a flow (objective 'flow'): nll computes a diffusion model's "
+                         "variational bound; give it a diffusion checkpoint such as mnist-cpu")
     if config.is_latent:
         raise UsageError(f"{args.checkpoint} is a latent model: its bound is in bits per latent value, not per "
                          "pixel; nll needs a pixel model")

@@ -219,16 +219,34 @@ def _load_or_train_locked(directory: Path, config, name: str, digest: str, devic
             cached = None  # an unusable entry (e.g. a truncated file) is resumed or trained again below
         if cached is not None:
             return cached
-    trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress, preset=name)
+    data = _reflow_data(config, device) if config.reflow is not None else None
+    trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress, preset=name,
+                      data=data)
     if (directory / CONFIG_FILE).exists():
         try:
             trainer.load(directory)  # an interrupted run: resume it exactly
         except CheckpointError as exc:
             _retraining(exc)
             trainer = Trainer(config, out_dir=directory, device=device, callbacks=callbacks, progress=progress,
-                              preset=name)
+                              preset=name, data=data)
     trainer.fit()
     return trained_model(trainer, digest)
+
+
+def _reflow_data(config, device) -> tuple:
+    """The training data of a reflow (``TrainConfig.reflow``): its parent flow from the cache (trained first when
+    missing) and the pairs ``(x0, y, x1)`` of noise and the sample the parent's ODE maps it to, drawn from the
+    reflow's seed, with labels from the class frequencies of a conditional parent. The same pairs come back on a
+    resumed run."""
+    from .flow import reflow_pairs
+    from .trainconfig import TrainConfig
+
+    r = config.reflow
+    parent = load_or_train(TrainConfig.from_dict(r["parent"]), device=device, progress=False)
+    y = frequency_labels(parent, r["pairs"], r["seed"]) if parent.config.num_classes is not None else None
+    x1, x0 = reflow_pairs(parent.model, parent.config.sample_shape, r["pairs"], steps=r["steps"],
+                          method=r["method"], y=y, seed=r["seed"])
+    return x0, y, x1
 
 
 def _retraining(exc: CheckpointError) -> None:

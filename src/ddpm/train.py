@@ -7,7 +7,9 @@ One training step (Ho et al. 2020, Algorithm 1; Nichol & Dhariwal 2021 for L_hyb
    (classifier-free guidance, Ho & Salimans 2022);
 2. draw ``t`` (0-based, uniform or importance-sampled) and ``eps ~ N(0, I)``;
 3. minimise ``losses.training_losses`` (``simple``, ``hybrid`` or ``vlb``) weighted by the sampler's
-   importance weights, with AdamW, learning-rate warm-up and gradient clipping;
+   importance weights, with AdamW, learning-rate warm-up and gradient clipping; a flow (``objective="flow"``)
+   draws a flow time in (0, 1) instead and minimises ``flow.flow_losses`` (for a reflow, on the pairs
+   ``(x_0, x_1)`` of its parent's ODE instead of fresh noise);
 4. update the exponential moving average (EMA) of the weights.
 
 A *latent* model (``TrainConfig.autoencoder`` set) first gets its autoencoder (trained on the images, or loaded
@@ -46,6 +48,7 @@ from .autoencoder import decode_in_batches, encode_in_batches, first_stage
 from .callbacks import Callback, as_callback, progress_bar, progress_enabled
 from .data import augment, dataset_info, load_dataset
 from .distributed import StopRequest, setup_distributed
+from .flow import FlowTimeSampler, flow_losses, flow_sample
 from .losses import ImportanceSampler, UniformSampler, training_losses
 from .optim import ema_decay_at, learning_rate, update_ema
 from .resume import load_trainer, save_trainer
@@ -86,7 +89,8 @@ class Trainer:
         callbacks: :class:`Callback` objects or callables ``fn(trainer, metrics)``.
         progress: progress bar (None: :func:`progress_enabled`).
         preset: preset name recorded in the checkpoint.
-        data: ``(x, y)`` tensors to train on instead of ``load_dataset(config.dataset)``.
+        data: ``(x, y)`` tensors to train on instead of ``load_dataset(config.dataset)``; for a reflow
+            (``config.reflow``), ``(x0, y, x1)`` with the noise ``x1`` paired with each ``x0``.
         data_root: torchvision folder for ``load_dataset``.
 
     After :meth:`fit`, ``model`` holds the raw weights, ``ema`` the averaged ones, ``history`` the losses:
@@ -105,7 +109,7 @@ class Trainer:
         callbacks: Iterable[Any] = (),
         progress: bool | None = None,
         preset: str | None = None,
-        data: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        data: tuple | None = None,
         data_root: str | os.PathLike | None = None,
     ):
         config.validate()
@@ -138,6 +142,10 @@ class Trainer:
                               and (cuda or not self.use_bf16))
 
         given = data is not None
+        if config.reflow is not None and (data is None or len(data) != 3):
+            raise ValueError(f"TrainConfig {config.name!r} is a reflow: it trains on pairs drawn from its parent flow; "
+                             "train it with ddpm.load_or_train(config), or pass data=(x0, y, x1) from "
+                             "ddpm.flow.reflow_pairs")
         if data is None:  # first, so that a missing dataset fails before anything is built
             data = load_dataset(config.dataset, split="train", root=data_root, seed=config.seed)
         self.autoencoder = None
@@ -160,11 +168,15 @@ class Trainer:
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if cuda else {})
         )
         self.schedule = NoiseSchedule.from_name(config.schedule, config.T)
-        self.t_sampler = (ImportanceSampler if config.timestep_sampler == "importance" else UniformSampler)(config.T)
+        if config.objective == "flow":
+            self.t_sampler = FlowTimeSampler(config.flow_time)
+        else:
+            self.t_sampler = (ImportanceSampler if config.timestep_sampler == "importance" else UniformSampler)(config.T)
         self.num_classes = config.num_classes
         self.var_type = config.resolved_var_type
 
-        x, y = data
+        x, y = data[:2]
+        self.pairs = data[2].to(self.device) if len(data) == 3 else None  # reflow: the x_1 paired with each x_0
         self.x = x.to(self.device)
         self.y = y.to(self.device) if y is not None else None
         if self.num_classes is not None and self.y is None:
@@ -247,7 +259,7 @@ class Trainer:
         idx = self.batch_indices(step)
         self.last_batch_indices = idx
         x0 = self.x[idx.to(self.device)]
-        if not c.is_latent:  # a flipped latent is not the latent of the flipped image
+        if not c.is_latent and self.pairs is None:  # a flipped latent (or reflow sample) is not that of the flip
             x0 = augment(c.dataset, x0, g_dev)
         y = None
         if self.num_classes is not None:
@@ -258,17 +270,22 @@ class Trainer:
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         t, weights = self.t_sampler.sample(self.local_batch, device=self.device, generator=g_cpu)
-        noise = randn_like(x0, g_dev)
+        noise = randn_like(x0, g_dev) if self.pairs is None else self.pairs[idx.to(self.device)].to(x0.dtype)
+        if self.channels_last and self.pairs is not None:
+            noise = noise.contiguous(memory_format=torch.channels_last)
 
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            terms = training_losses(
-                self.train_model, self.schedule, x0, t, y=y, noise=noise, loss_type=c.loss_type, var_type=self.var_type,
-                snr_gamma=c.snr_gamma,
-            )
+            if c.objective == "flow":
+                terms = flow_losses(self.train_model, x0, t, y=y, noise=noise)
+            else:
+                terms = training_losses(
+                    self.train_model, self.schedule, x0, t, y=y, noise=noise, loss_type=c.loss_type,
+                    var_type=self.var_type, snr_gamma=c.snr_gamma,
+                )
         loss = (terms["loss"] * weights).mean()
 
         # global means and the stop requests (ddpm.distributed.StopRequest) in one all-reduce, so that every rank
@@ -317,7 +334,7 @@ class Trainer:
                 dist.all_gather(ls, per_example.contiguous())
                 all_t, all_l = torch.cat(ts), torch.cat(ls)
             self.t_sampler.update(all_t.cpu(), all_l.float().cpu())
-        quartile = (t * 4 // c.T).cpu()
+        quartile = ((t * 4).long().clamp(max=3) if c.objective == "flow" else t * 4 // c.T).cpu()
         for q, value in zip(quartile.tolist(), per_example.float().tolist()):
             self._q_sum[q] += value
             self._q_count[q] += 1
@@ -338,7 +355,7 @@ class Trainer:
 
     @torch.no_grad()
     def preview(self, n: int = 16, steps: int = 25) -> torch.Tensor:
-        """``n`` samples from the EMA model with DDIM in ``steps`` steps, from a fixed seed (labels cycle through
+        """``n`` samples from the EMA model with DDIM (a flow: Euler) in ``steps`` steps, from a fixed seed (labels cycle through
         the classes for a conditional model). Uses its own generator: training randomness is untouched."""
         from .samplers import ddim_sample
 
@@ -347,6 +364,9 @@ class Trainer:
         if self.num_classes is not None:
             y = torch.arange(n, device=self.device) % self.num_classes
         latent = self.autoencoder is not None
+        if self.config.objective == "flow":
+            return flow_sample(self.ema, (n, *self.config.sample_shape), steps=steps, y=y, generator=g,
+                               device=self.device).clamp(-1, 1).cpu()
         x = ddim_sample(self.ema, self.schedule, (n, *self.config.sample_shape), steps=min(steps, self.config.T),
                         y=y, generator=g, device=self.device, clip_denoised=not latent).cpu()
         return decode_in_batches(self.autoencoder, x) if latent else x

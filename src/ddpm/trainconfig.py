@@ -16,16 +16,19 @@ from .losses import LOSS_TYPES, VAR_TYPES
 from .schedule import SCHEDULES, NoiseSchedule
 
 __all__ = ["FINAL_LR_FRACTION", "LATER_KEYS", "LOSS_TYPES", "LR_DECAYS", "MODEL_TYPES", "RESUME_FREE_KEYS",
-           "TIMESTEP_SAMPLERS", "TrainConfig", "TrainingDiverged", "build_model", "cpu_has_bf16", "resume_free_keys"]
+           "OBJECTIVES", "REFLOW_KEYS", "TIMESTEP_SAMPLERS", "TrainConfig", "TrainingDiverged", "build_model", "cpu_has_bf16", "resume_free_keys"]
 
 MODEL_TYPES = ("unet", "mlp", "dit")
+OBJECTIVES = ("diffusion", "flow")
+#: The keys of ``TrainConfig.reflow``: the parent flow's config dict, and how its pairs are drawn.
+REFLOW_KEYS = ("parent", "pairs", "steps", "method", "seed")
 TIMESTEP_SAMPLERS = ("uniform", "importance")
 LR_DECAYS = ("constant", "cosine")
 #: With ``lr_decay="cosine"`` the learning rate ends at this fraction of ``lr``.
 FINAL_LR_FRACTION = 0.1
 #: Keys added after the first checkpoints, with their defaults: ``to_dict`` leaves a key out at its default, so the
 #: dict (and the hash that names a cached model) of a configuration that does not use it is as it was before it.
-LATER_KEYS = {"autoencoder": None, "cpu_bf16": False}
+LATER_KEYS = {"autoencoder": None, "cpu_bf16": False, "objective": "diffusion", "flow_time": "uniform", "reflow": None}
 #: Keys that may change when a run is resumed: they do not alter the trajectory of the weights.
 RESUME_FREE_KEYS = ("steps", "checkpoint_every", "preview_every", "log_every")
 
@@ -69,6 +72,15 @@ class TrainConfig:
             ``kl_weight``) and its training settings (``steps``, ``batch_size``, ``lr``). The trainer trains the
             autoencoder on ``dataset`` (or loads it from the cache), encodes the images once, and the network of
             ``model`` learns the scaled latents (``in_channels`` and ``image_size`` are the latent's).
+        objective: ``"diffusion"`` (the network predicts eps, trained with ``loss_type``) or ``"flow"`` (flow
+            matching on the linear path, ``ddpm.flow``: the network predicts the velocity; ``schedule``, ``T``,
+            ``loss_type`` and ``timestep_sampler`` are then unused and must stay at their defaults).
+        flow_time: the distribution of training times of a flow: ``"uniform"`` or ``"logit-normal"``.
+        reflow: None, or for a rectified flow trained on the coupling of another flow (Liu et al. 2023) a dict
+            ``{"parent": parent TrainConfig dict, "pairs": n, "steps": K, "method": "euler"|"midpoint"|"heun",
+            "seed": s}``: ``load_or_train`` trains (or loads) the parent, draws n pairs of noise and the sample its
+            ODE maps them to (``ddpm.flow.reflow_pairs``; labels from the class frequencies for a conditional
+            parent), and trains this flow, from fresh weights, on those pairs instead of ``dataset``.
         schedule, T: beta schedule (``"linear"`` or ``"cosine"``) and number of diffusion steps.
         loss_type: ``"simple"`` (L_simple), ``"hybrid"`` (L_simple + 0.001 L_vlb, learned variance) or ``"vlb"``.
         var_type: reverse-process variance: ``"fixed_small"`` (posterior variance), ``"fixed_large"`` (beta_t)
@@ -101,6 +113,9 @@ class TrainConfig:
     model: dict = dataclasses.field(default_factory=dict)
     dataset: str = "mnist5k"
     autoencoder: dict | None = None
+    objective: str = "diffusion"
+    flow_time: str = "uniform"
+    reflow: dict | None = None
     schedule: str = "linear"
     T: int = 1000
     loss_type: str = "simple"
@@ -135,6 +150,8 @@ class TrainConfig:
         for key, default in LATER_KEYS.items():
             if out[key] == default:
                 del out[key]
+        if self.reflow is not None:  # the parent normalised too, so that equal configs hash alike
+            out["reflow"] = {**self.reflow, "parent": TrainConfig.from_dict(self.reflow["parent"]).to_dict()}
         if self.autoencoder is not None:
             ae, training = self.autoencoder_config()
             out["autoencoder"] = {k: v for k, v in ae.to_dict().items() if k not in ("image_size", "in_channels")}
@@ -272,6 +289,7 @@ class TrainConfig:
                     f"model num_classes={mc.num_classes} does not match the {info.num_classes} classes of "
                     f"dataset {self.dataset!r}"
                 )
+        self._validate_objective(mc)
         if self.is_latent:
             self.autoencoder_config()  # names a bad key or value, or a dataset without images
         if info.kind == "points":
@@ -291,6 +309,49 @@ class TrainConfig:
                     f"dataset {self.dataset!r} holds {c}x{h}x{h} images: use model_type 'unet' or 'dit' with "
                     f"in_channels={c} and image_size={h}"
                 )
+
+    def _validate_objective(self, mc) -> None:
+        """The flow fields: a known objective and time distribution, the diffusion-only fields at their defaults
+        for a flow, and a well-formed ``reflow``."""
+        from .flow import FLOW_METHODS, TIME_DISTRIBUTIONS
+
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"TrainConfig.objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if self.flow_time not in TIME_DISTRIBUTIONS:
+            raise ValueError(f"TrainConfig.flow_time must be one of {', '.join(TIME_DISTRIBUTIONS)}; "
+                             f"got {self.flow_time!r}")
+        if self.objective == "diffusion":
+            if self.flow_time != "uniform" or self.reflow is not None:
+                raise ValueError("TrainConfig.flow_time and reflow belong to objective 'flow'; set objective='flow' "
+                                 "or leave them at their defaults")
+            return
+        if self.loss_type != "simple" or self.timestep_sampler != "uniform" or self.snr_gamma is not None \
+                or mc.learn_sigma:
+            raise ValueError("TrainConfig.objective 'flow' regresses the velocity: use loss_type 'simple', "
+                             "timestep_sampler 'uniform', snr_gamma None and a model without learn_sigma")
+        if self.is_latent:
+            raise ValueError("TrainConfig.objective 'flow' is for models of the data; set autoencoder=None")
+        if self.reflow is None:
+            return
+        if not isinstance(self.reflow, Mapping) or set(self.reflow) != set(REFLOW_KEYS):
+            raise ValueError(f"TrainConfig.reflow must be None or a dict with the keys {list(REFLOW_KEYS)}; "
+                             f"got {self.reflow!r:.200}")
+        r = self.reflow
+        for key in ("pairs", "steps"):
+            if not isinstance(r[key], int) or isinstance(r[key], bool) or r[key] < 1:
+                raise ValueError(f"TrainConfig.reflow[{key!r}] must be a positive integer; got {r[key]!r}")
+        if not isinstance(r["seed"], int) or isinstance(r["seed"], bool) or r["seed"] < 0:
+            raise ValueError(f"TrainConfig.reflow['seed'] must be an integer >= 0; got {r['seed']!r}")
+        if r["method"] not in FLOW_METHODS:
+            raise ValueError(f"TrainConfig.reflow['method'] must be one of {', '.join(FLOW_METHODS)}; "
+                             f"got {r['method']!r}")
+        try:
+            parent = TrainConfig.from_dict(r["parent"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"TrainConfig.reflow['parent'] is not a usable TrainConfig: {exc}") from None
+        if parent.objective != "flow" or parent.dataset != self.dataset or parent.num_classes != mc.num_classes:
+            raise ValueError("TrainConfig.reflow['parent'] must be a flow of the same dataset and classes "
+                             f"(objective 'flow', dataset {self.dataset!r}, num_classes {mc.num_classes})")
 
 
 def build_model(config: TrainConfig) -> torch.nn.Module:
