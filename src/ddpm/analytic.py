@@ -83,9 +83,9 @@ class GaussianMixtureEps(nn.Module):
     def _log_resp_and_terms(self, x: Tensor, t: Tensor, y: Tensor | None):
         """Per-component log weight x density [N, K], means [N, K, d] and variances [N, K] of q(x_t | k)."""
         xd = x.reshape(x.shape[0], -1).to(torch.float64)
-        ab = self.schedule.alpha_bar.to(x.device)[t.long()].reshape(-1, 1)  # [N, 1]
-        mean = ab.sqrt().unsqueeze(-1) * self.means.to(x.device)  # [N, K, d]
-        var = ab * self.stds.to(x.device) ** 2 + (1 - ab)  # [N, K]
+        scale, noise_var = self._coefficients(t, x.device)  # x_t = scale x_0 + noise, each [N, 1]
+        mean = scale.unsqueeze(-1) * self.means.to(x.device)  # [N, K, d]
+        var = scale ** 2 * self.stds.to(x.device) ** 2 + noise_var  # [N, K]
         d = xd.shape[1]
         sq = ((xd.unsqueeze(1) - mean) ** 2).sum(-1)
         logp = self.weights.to(x.device).log() - 0.5 * sq / var - 0.5 * d * torch.log(2 * math.pi * var)
@@ -95,6 +95,11 @@ class GaussianMixtureEps(nn.Module):
             pick = torch.nn.functional.one_hot(y.clamp(max=k - 1), k).bool() | (y == k).unsqueeze(1)
             logp = logp.masked_fill(~pick, -math.inf)
         return xd, logp, mean, var
+
+    def _coefficients(self, t: Tensor, device) -> tuple[Tensor, Tensor]:
+        """The signal scale ``sqrt(ab_t)`` and noise variance ``1 - ab_t`` of x_t at 0-based steps t, each ``[N, 1]``."""
+        ab = self.schedule.alpha_bar.to(device)[t.long()].reshape(-1, 1)
+        return ab.sqrt(), 1 - ab
 
     def score(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """grad_x log q(x_t | y) at x ``[N, ...]`` and 0-based steps t ``[N]``."""
@@ -151,22 +156,12 @@ class GaussianMixtureVelocity(GaussianMixtureEps):
     def __init__(self, means, stds=1.0, weights=None):
         super().__init__(None, means, stds, weights)
 
-    def _log_resp_and_terms(self, x: Tensor, t: Tensor, y: Tensor | None):
+    def _coefficients(self, t: Tensor, device) -> tuple[Tensor, Tensor]:
+        """The signal scale ``1 - r`` and noise variance ``r^2`` of the linear path at flow time r = t / scale."""
         from .flow import FLOW_TIME_SCALE
 
-        xd = x.reshape(x.shape[0], -1).to(torch.float64)
-        tf = (t.to(torch.float64) / FLOW_TIME_SCALE).reshape(-1, 1)  # [N, 1]
-        mean = (1 - tf).unsqueeze(-1) * self.means.to(x.device)  # [N, K, d]
-        var = (1 - tf) ** 2 * self.stds.to(x.device) ** 2 + tf ** 2  # [N, K]
-        d = xd.shape[1]
-        sq = ((xd.unsqueeze(1) - mean) ** 2).sum(-1)
-        logp = self.weights.to(x.device).log() - 0.5 * sq / var - 0.5 * d * torch.log(2 * math.pi * var)
-        if y is not None:
-            y = self._labels(y, x.shape[0], null=True).to(x.device)
-            k = self.num_components
-            pick = torch.nn.functional.one_hot(y.clamp(max=k - 1), k).bool() | (y == k).unsqueeze(1)
-            logp = logp.masked_fill(~pick, -math.inf)
-        return xd, logp, mean, var
+        r = (t.to(device, torch.float64) / FLOW_TIME_SCALE).reshape(-1, 1)
+        return 1 - r, r ** 2
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         from .flow import FLOW_TIME_SCALE
