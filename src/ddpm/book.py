@@ -20,13 +20,14 @@ training seeds into the error.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .plotting import CODE_COLUMN, _imshow, image_grid, wrap  # noqa: F401  (CODE_COLUMN and wrap: re-exported)
 
-__all__ = ["CODE_COLUMN", "POWER_Z", "VERDICTS", "Comparison", "PageClock", "combine", "compare", "detectable", "glue",
+__all__ = ["CODE_COLUMN", "POWER_Z", "VERDICTS", "Comparison", "PageClock", "combine", "compare", "detectable", "glue", "recorded_seed_spread",
            "model_source", "samples_figure", "saved_activation_bytes", "same_n", "table", "timed_ratio", "verdict",
            "verdict_close", "with_seed_spread", "wrap"]
 
@@ -145,6 +146,32 @@ def with_seed_spread(score: dict, seed_std: float, *, arms: int = 1) -> dict:
         raise ValueError(f"seed_std must be a finite, non-negative spread, got {seed_std!r}")
     return {**score, "std": math.sqrt(score["std"] ** 2 + arms * seed_std ** 2), "sampling_std": score["std"],
             "seed_std": seed_std}
+
+
+def recorded_seed_spread(pattern: str) -> tuple[float, int, str]:
+    """The spread over training seeds of a preset's class-conditional FID without guidance, from the records of
+    ``benchmarks/train_mnist_cpu.py`` in ``benchmarks/results/<pattern>`` (runs of the preset's own length without
+    changes): ``(standard deviation, number of seeds, the processor the records were made on)``. The field is the
+    headline FID (labels from the class frequencies) where every record has it, else the unguided FID of labels
+    0-9 in turn (a balanced label mix). Fewer than two seeds on record is a one-line ValueError."""
+    import json
+
+    from .paths import project_root
+    from .presets import get_preset
+
+    runs = []
+    for path in sorted((project_root() / "benchmarks" / "results").glob(pattern)):
+        record = json.loads(path.read_text())
+        if record["steps"] == get_preset(record["preset"]).steps and not record.get("changes"):
+            runs.append(record)
+    if runs and all("headline_fid" in r for r in runs):
+        values = [r["headline_fid"] for r in runs]
+    else:
+        values = [r["conditional_fid"] for r in runs if r.get("conditional_guidance") == 0.0]
+    if len(values) < 2:
+        raise ValueError(f"need two or more training seeds on record for {pattern}; run benchmarks/train_mnist_cpu.py "
+                         "with --train-seed 1 and 2")
+    return statistics.stdev(values), len(values), runs[0]["cpu"]
 
 
 def same_n(*scores: dict) -> int:
