@@ -233,6 +233,15 @@ def test_a_flow_trained_on_a_deterministic_coupling_is_straight():
     assert straightness(times, states).mean() < 0.01
 
 
+def test_a_flow_is_refused_by_the_shared_ddim_sets(flow_ckpt):
+    from ddpm.cache import cached_ddim_samples, load_model, trained_model
+
+    _, config, _ = load_model(flow_ckpt)
+    trainer = Trainer(config, data=(torch.zeros(16, 1, 28, 28), torch.zeros(16, dtype=torch.long)), progress=False)
+    with pytest.raises(ValueError, match="is a flow"):
+        cached_ddim_samples(trained_model(trainer, "x"), 4, 2, 0)
+
+
 def test_reflow_pairs_are_the_parents_ode_map():
     model = GaussianMixtureVelocity([[0.5, -0.5]], stds=0.7)
     x1, x0 = reflow_pairs(model, (2,), 50, steps=200, method="midpoint", seed=3, batch_size=16)
