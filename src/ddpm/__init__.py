@@ -5,10 +5,10 @@ DDPM (Ho et al. 2020), Improved DDPM (Nichol & Dhariwal 2021) and guided diffusi
 ``schedule`` (forward process), ``blocks``, ``unet`` and ``mlp`` (the networks), ``losses`` (objectives and the
 bound's terms), ``samplers`` (ancestral, respaced, DDIM, Heun, DPM-Solver++) and ``spacing`` (the steps they visit),
 ``likelihood`` (bits/dim), ``flow`` (flow matching and rectified flow), ``guidance``, ``digit_classifier``,
-``fid``, ``memorisation`` and ``metrics`` (evaluation), ``samplefiles``, ``data``, ``paths``, ``rng``, ``distributed``, ``trainconfig``, ``optim``,
-``callbacks``, ``train`` and ``resume`` (training), ``atomic``, ``locking`` and ``checkpoint`` (files), ``cache``
-(trained models, above the trainer), ``presets``, ``plotting`` and ``book`` (what the book's notebooks share: glue,
-verdicts, tables).
+``fid``, ``memorisation`` and ``metrics`` (evaluation), ``samplefiles``, ``data``, ``paths``, ``rng``,
+``distributed``, ``trainconfig``, ``optim``, ``callbacks``, ``train`` and ``resume`` (training), ``atomic``,
+``locking`` and ``checkpoint`` (files), ``cache`` (trained models, above the trainer), ``presets``, ``plotting``
+and ``book`` (what the book's notebooks share: glue, verdicts, tables).
 """
 
 __version__ = "0.4.0"

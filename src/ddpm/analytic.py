@@ -97,7 +97,8 @@ class GaussianMixtureEps(nn.Module):
         return xd, logp, mean, var
 
     def _coefficients(self, t: Tensor, device) -> tuple[Tensor, Tensor]:
-        """The signal scale ``sqrt(ab_t)`` and noise variance ``1 - ab_t`` of x_t at 0-based steps t, each ``[N, 1]``."""
+        """The signal scale ``sqrt(ab_t)`` and noise variance ``1 - ab_t`` of x_t at 0-based steps t, each
+        ``[N, 1]``."""
         ab = self.schedule.alpha_bar.to(device)[t.long()].reshape(-1, 1)
         return ab.sqrt(), 1 - ab
 
@@ -148,8 +149,8 @@ class GaussianMixtureVelocity(GaussianMixtureEps):
     called like a flow network: ``model(x [N, d], t_net [N], y)`` with flow time ``t = t_net / FLOW_TIME_SCALE``.
 
     Given component k, x_t and (x_0, eps) are jointly Gaussian, so with ``c_k = (1 - t)^2 s_k^2 + t^2`` and
-    ``r = x_t - (1 - t) m_k``: ``E[eps | x_t, k] = t r / c_k`` and ``E[x_0 | x_t, k] = m_k + (1 - t) s_k^2 r / c_k``; the
-    marginal velocity averages ``t r / c_k - m_k - (1 - t) s_k^2 r / c_k`` over ``p(k | x_t)``. Labels as in
+    ``r = x_t - (1 - t) m_k``: ``E[eps | x_t, k] = t r / c_k`` and ``E[x_0 | x_t, k] = m_k + (1 - t) s_k^2 r / c_k``;
+    the marginal velocity averages ``t r / c_k - m_k - (1 - t) s_k^2 r / c_k`` over ``p(k | x_t)``. Labels as in
     :class:`GaussianMixtureEps` (no schedule: the path is the flow's).
     """
 

@@ -27,9 +27,9 @@ from typing import Iterable, Sequence
 
 from .plotting import CODE_COLUMN, _imshow, image_grid, wrap  # noqa: F401  (CODE_COLUMN and wrap: re-exported)
 
-__all__ = ["CODE_COLUMN", "POWER_Z", "VERDICTS", "Comparison", "PageClock", "combine", "compare", "detectable", "glue", "recorded_seed_spread",
-           "model_source", "samples_figure", "saved_activation_bytes", "same_n", "table", "timed_ratio", "verdict",
-           "verdict_close", "with_seed_spread", "wrap"]
+__all__ = ["CODE_COLUMN", "POWER_Z", "VERDICTS", "Comparison", "PageClock", "combine", "compare", "detectable",
+           "glue", "model_source", "recorded_seed_spread", "samples_figure", "saved_activation_bytes", "same_n",
+           "table", "timed_ratio", "verdict", "verdict_close", "with_seed_spread", "wrap"]
 
 VERDICTS = ("held", "did not hold", "inconclusive", "beyond this budget")
 #: A difference of (k + POWER_Z) errors is detected by the 2-error rule four times in five (80% power).

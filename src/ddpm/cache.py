@@ -370,8 +370,8 @@ def cached_ddim_samples(trained: TrainedModel, n: int, steps: int, seed: int, *,
     from .samplers import sample_in_batches
 
     if trained.config.objective == "flow":
-        raise ValueError(f"{trained.info.get('preset')} is a flow (objective 'flow'): DDIM needs a noise predictor; draw "
-                         "its samples with ddpm.flow.flow_sample")
+        raise ValueError(f"{trained.info.get('preset')} is a flow (objective 'flow'): DDIM needs a noise predictor; "
+                         "draw its samples with ddpm.flow.flow_sample")
     nets = {"ema": trained.model, "raw": trained.raw_model}
     if weights not in nets:
         raise ValueError(f"weights must be 'ema' or 'raw'; got {weights!r}")

@@ -28,10 +28,11 @@ from torch import Tensor
 from .losses import mean_flat
 from .samplers import Guidance, in_batches, initial_noise, with_progress
 
-__all__ = ["FLOW_TIME_SCALE", "FLOW_METHODS", "DEFAULT_FLOW_STEPS", "TIME_DISTRIBUTIONS", "interpolate", "x0_from_velocity",
-           "eps_from_velocity", "velocity_from_eps", "velocity_from_x0", "velocity_from_v", "v_from_velocity",
-           "flow_time", "flow_sigma", "sample_flow_times", "FlowTimeSampler", "flow_losses", "velocity", "flow_nfe",
-           "flow_sample", "flow_sample_in_batches", "flow_trajectory", "straightness", "reflow_pairs"]
+__all__ = ["FLOW_TIME_SCALE", "FLOW_METHODS", "DEFAULT_FLOW_STEPS", "TIME_DISTRIBUTIONS", "interpolate",
+           "x0_from_velocity", "eps_from_velocity", "velocity_from_eps", "velocity_from_x0", "velocity_from_v",
+           "v_from_velocity", "flow_time", "flow_sigma", "sample_flow_times", "FlowTimeSampler", "flow_losses",
+           "velocity", "flow_nfe", "flow_sample", "flow_sample_in_batches", "flow_trajectory", "straightness",
+           "reflow_pairs"]
 
 #: The network's time input is ``t * FLOW_TIME_SCALE``: the range of the diffusion models' 0-based steps.
 FLOW_TIME_SCALE = 1000.0
@@ -164,12 +165,20 @@ def flow_losses(model, x0: Tensor, t: Tensor, *, y: Tensor | None = None, noise:
 def velocity(model, x: Tensor, t: float, y: Tensor | None = None, guidance: Guidance | None = None) -> Tensor:
     """The (guided) velocity at flow time t for the batch x: the network called at ``t * FLOW_TIME_SCALE``.
     Classifier-free guidance combines the conditional and null velocities; classifier guidance is refused."""
-    guidance = guidance or _NO_GUIDANCE
+    guidance = _flow_guidance(guidance)
     t_net = torch.full((x.shape[0],), t * FLOW_TIME_SCALE, dtype=x.dtype, device=x.device)
-    if guidance.cond_grad(x, t_net, y) is not None:
+    return guidance.model_output(model, x, t_net, y).to(x.dtype)
+
+
+def _flow_guidance(guidance: Guidance | None) -> Guidance:
+    """``guidance`` (or none) after refusing a hook that shifts by a classifier's gradient (it overrides
+    ``Guidance.cond_grad``): that gradient is of a noise-aware classifier of the diffusion steps. Decided from the
+    hook's type, so that no classifier runs to find it out."""
+    guidance = guidance or _NO_GUIDANCE
+    if type(guidance).cond_grad is not Guidance.cond_grad:
         raise ValueError("classifier guidance needs a noise-aware classifier of the diffusion steps; a flow model "
                          "takes classifier-free guidance (ddpm.guidance.ClassifierFreeGuidance)")
-    return guidance.model_output(model, x, t_net, y).to(x.dtype)
+    return guidance
 
 
 def flow_nfe(method: str, steps: int) -> int:
@@ -201,6 +210,7 @@ def flow_sample(model, shape: Sequence[int] | None = None, *, x_1: Tensor | None
     if method not in FLOW_METHODS:
         raise ValueError(f"method must be one of {', '.join(FLOW_METHODS)}, got {method!r}")
     steps = _check_steps(steps)
+    guidance = _flow_guidance(guidance)  # refused before any network evaluation
     x = initial_noise(model, shape, x_1, generator, device)
     times = [1.0 - k / steps for k in range(steps)] + [0.0]
     for t, t_next in with_progress(list(zip(times, times[1:])), progress, f"flow ({method})"):

@@ -45,6 +45,23 @@ NOT_COMPARABLE = (
 )
 
 
+#: The scores of 2-D samples of the swiss roll (:func:`swiss_roll_scores`) and their column titles in the book.
+SWISS_ROLL_SCORES = {"precision": "precision", "recall": "recall", "inner": "recall, inner arm",
+                     "outer": "recall, outer arm", "sw": "sliced Wasserstein"}
+
+
+def swiss_roll_scores(points, data) -> dict:
+    """2-D ``points`` against swiss-roll ``data`` [M, 2], as the book scores them: ``precision`` and ``recall``
+    (:func:`ddpm.fid.precision_recall`), the recall on each arm of the roll (``inner``: the data at a radius below
+    3 pi / 15, the middle turn; ``outer``: the rest) and the sliced Wasserstein distance ``sw`` (projections from
+    seed 0)."""
+    data = torch.as_tensor(data)
+    inner = data.norm(dim=1) < 3 * math.pi / 15
+    return {**precision_recall(points, data), "inner": precision_recall(points, data[inner])["recall"],
+            "outer": precision_recall(points, data[~inner])["recall"],
+            "sw": sliced_wasserstein(points, data, generator=torch.Generator().manual_seed(0))}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Classifier-based scores
 # ----------------------------------------------------------------------------------------------------------

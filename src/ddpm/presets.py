@@ -40,8 +40,7 @@ from .optim import ema_decay_at
 from .trainconfig import TrainConfig
 
 __all__ = ["ALTERNATIVE_NETWORKS", "PRESETS", "PROFILES", "flow_variant", "get_preset", "improved_variants",
-           "mnist_preset",
-           "preset_names", "profile", "recipe_summary"]
+           "mnist_preset", "preset_names", "profile", "recipe_summary"]
 
 PROFILES = ("cpu", "gpu")
 

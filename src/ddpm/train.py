@@ -168,6 +168,7 @@ class Trainer:
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if cuda else {})
         )
         self.schedule = NoiseSchedule.from_name(config.schedule, config.T)
+        self.time_span = 1.0 if config.objective == "flow" else config.T  # the range of the sampled times
         if config.objective == "flow":
             self.t_sampler = FlowTimeSampler(config.flow_time)
         else:
@@ -270,8 +271,8 @@ class Trainer:
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         t, weights = self.t_sampler.sample(self.local_batch, device=self.device, generator=g_cpu)
-        noise = randn_like(x0, g_dev) if self.pairs is None else self.pairs[idx.to(self.device)].to(x0.dtype)
-        if self.channels_last and self.pairs is not None:
+        noise = randn_like(x0, g_dev) if self.pairs is None else self.pairs[idx.to(self.device)]
+        if self.channels_last:
             noise = noise.contiguous(memory_format=torch.channels_last)
 
         lr = self.lr_at(step)
@@ -334,7 +335,7 @@ class Trainer:
                 dist.all_gather(ls, per_example.contiguous())
                 all_t, all_l = torch.cat(ts), torch.cat(ls)
             self.t_sampler.update(all_t.cpu(), all_l.float().cpu())
-        quartile = ((t * 4).long().clamp(max=3) if c.objective == "flow" else t * 4 // c.T).cpu()
+        quartile = (t * 4 / self.time_span).long().clamp(max=3).cpu()  # quarters of [0, T) steps or of flow time
         for q, value in zip(quartile.tolist(), per_example.float().tolist()):
             self._q_sum[q] += value
             self._q_count[q] += 1
@@ -355,8 +356,8 @@ class Trainer:
 
     @torch.no_grad()
     def preview(self, n: int = 16, steps: int = 25) -> torch.Tensor:
-        """``n`` samples from the EMA model with DDIM (a flow: Euler) in ``steps`` steps, from a fixed seed (labels cycle through
-        the classes for a conditional model). Uses its own generator: training randomness is untouched."""
+        """``n`` samples from the EMA model with DDIM (a flow: Euler) in ``steps`` steps, from a fixed seed (labels
+        cycle through the classes for a conditional model). Uses its own generator: training randomness is untouched."""
         from .samplers import ddim_sample
 
         g = torch.Generator(self.device).manual_seed(_seed(self.config.seed, 11))

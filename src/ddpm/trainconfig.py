@@ -15,8 +15,9 @@ from .data import dataset_info
 from .losses import LOSS_TYPES, VAR_TYPES
 from .schedule import SCHEDULES, NoiseSchedule
 
-__all__ = ["FINAL_LR_FRACTION", "LATER_KEYS", "LOSS_TYPES", "LR_DECAYS", "MODEL_TYPES", "RESUME_FREE_KEYS",
-           "OBJECTIVES", "REFLOW_KEYS", "TIMESTEP_SAMPLERS", "TrainConfig", "TrainingDiverged", "build_model", "cpu_has_bf16", "resume_free_keys"]
+__all__ = ["FINAL_LR_FRACTION", "LATER_KEYS", "LOSS_TYPES", "LR_DECAYS", "MODEL_TYPES", "OBJECTIVES", "REFLOW_KEYS",
+           "RESUME_FREE_KEYS", "TIMESTEP_SAMPLERS", "TrainConfig", "TrainingDiverged", "build_model", "cpu_has_bf16",
+           "resume_free_keys"]
 
 MODEL_TYPES = ("unet", "mlp", "dit")
 OBJECTIVES = ("diffusion", "flow")
@@ -37,6 +38,11 @@ def resume_free_keys(config: "TrainConfig") -> tuple[str, ...]:
     """The keys of ``config`` that a resumed run may change: ``RESUME_FREE_KEYS``, less ``steps`` when the
     learning rate decays towards the last step (then the number of steps shapes the whole trajectory)."""
     return tuple(k for k in RESUME_FREE_KEYS if not (k == "steps" and config.lr_decay != "constant"))
+
+
+def _is_int(value) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def cpu_has_bf16() -> bool:
@@ -225,9 +231,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and its allowed values."""
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
+        is_int = _is_int
 
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -338,9 +342,9 @@ class TrainConfig:
                              f"got {self.reflow!r:.200}")
         r = self.reflow
         for key in ("pairs", "steps"):
-            if not isinstance(r[key], int) or isinstance(r[key], bool) or r[key] < 1:
+            if not _is_int(r[key]) or r[key] < 1:
                 raise ValueError(f"TrainConfig.reflow[{key!r}] must be a positive integer; got {r[key]!r}")
-        if not isinstance(r["seed"], int) or isinstance(r["seed"], bool) or r["seed"] < 0:
+        if not _is_int(r["seed"]) or r["seed"] < 0:
             raise ValueError(f"TrainConfig.reflow['seed'] must be an integer >= 0; got {r['seed']!r}")
         if r["method"] not in FLOW_METHODS:
             raise ValueError(f"TrainConfig.reflow['method'] must be one of {', '.join(FLOW_METHODS)}; "
