@@ -56,7 +56,7 @@ def assert_usage_error(capsys, *argv, match):
 
 
 def test_help_of_every_subcommand(capsys):
-    for sub in ([], ["train"], ["sample"], ["nll"], ["evaluate"]):
+    for sub in ([], ["train"], ["sample"], ["inpaint"], ["edit"], ["nll"], ["evaluate"]):
         with pytest.raises(SystemExit) as exit_:
             cli.main(sub + ["--help"])
         assert exit_.value.code == 0

@@ -263,3 +263,9 @@ def test_command_line_editing_refuses_bad_input_in_one_line(tmp_path, capsys, di
     code, _, err = _run(capsys, "edit", "--checkpoint", ckpt, "--images", digits, "--strength", "0.3",
                         "--out", tmp_path / "keep.npz")
     assert code == 2 and "--overwrite" in err and (tmp_path / "keep.npz").read_bytes() == b"precious"
+
+
+def test_names_of_the_command_line_are_the_package_names():
+    from ddpm.cli_editing import INPAINT_METHOD_NAMES, MASK_NAMES
+
+    assert INPAINT_METHOD_NAMES == INPAINT_METHODS and MASK_NAMES == MASKS

@@ -19,68 +19,31 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
+
+from .cli_editing import add_editing_parsers, cmd_edit, cmd_inpaint
+from .cliargs import (PROG, Parser, UsageError, load_pixel_diffusion_model, nonneg_float, nonneg_int, positive,
+                      read_image_file, torch_device)
 
 # the names of ddpm.samplers.SAMPLERS and ddpm.flow.FLOW_METHODS, kept here so that `--help` does not import torch
 # (a test compares them); "heun" names Karras et al.'s for a diffusion model and the flow's for a flow
 SAMPLER_NAMES = ("ddpm", "ddim", "heun", "dpm++2m")
 FLOW_SAMPLER_NAMES = ("euler", "midpoint", "heun")
-# the names of ddpm.editing.INPAINT_METHODS and MASKS, for the same reason
-INPAINT_METHOD_NAMES = ("replace", "repaint", "dps")
-MASK_NAMES = ("top", "bottom", "left", "right", "center")
 # the names of ddpm.presets.PRESETS, for the same reason
 PRESET_NAMES = ("toy2d", "mnist-cpu", "mnist-flow", "mnist-gpu", "cifar10-gpu", "mnist-latent", "mnist14")
 
-PROG = "python -m ddpm"
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump) and exit status 2."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise UsageError(f"{self.prog}: {message} (see --help)")
-
-
-def _number(cast, ok, requirement: str, name: str = ""):
-    """An argparse ``type``: ``cast`` the text, then check it with ``ok``; one message for both failures."""
-    prefix = f"{name} " if name else ""
-
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{prefix}must be {requirement}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{prefix}must be {requirement}, got {text}")
-        return value
-
-    return parse
-
-
-def _positive(name: str):
-    return _number(int, lambda v: v > 0, "a positive integer", name)
-
-
-_nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-_nonneg_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Train, sample from and evaluate diffusion models (DDPM, Improved "
-                     "DDPM, guided diffusion).")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,inpaint,edit,nll,evaluate}", parser_class=_Parser)
+    parser = Parser(prog=PROG, description="Train, sample from, edit and evaluate diffusion models (DDPM, "
+                     "Improved DDPM, guided diffusion, flow matching).")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,inpaint,edit,nll,evaluate}", parser_class=Parser)
     sub.required = True
 
     p = sub.add_parser("train", help="train a preset; checkpoints are resumable",
                        description="Train a preset configuration. Ctrl-C saves a resumable checkpoint.")
     p.add_argument("--preset", required=True, help=", ".join(PRESET_NAMES))
-    p.add_argument("--steps", type=_positive("--steps"), help="override the preset's number of steps")
+    p.add_argument("--steps", type=positive("--steps"), help="override the preset's number of steps")
     p.add_argument("--out", type=Path, help="checkpoint folder: new, empty, or (with --resume) a checkpoint; a file "
                    "or a folder of other files is refused (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -96,63 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=SAMPLER_NAMES + FLOW_SAMPLER_NAMES[:2],
                    help="a diffusion model: ancestral DDPM, DDIM (eta = 0, the default), Heun (Karras et al.) or "
                    "DPM-Solver++(2M); a flow (mnist-flow): euler (the default), midpoint or heun")
-    p.add_argument("--steps", type=_positive("--steps"),
+    p.add_argument("--steps", type=positive("--steps"),
                    help="sampling steps (default: all T for ddpm and ddim, 18 noise levels for heun, 20 for dpm++2m; "
                    "16 for a flow)")
-    p.add_argument("--n", type=_positive("--n"), default=64, help="number of samples (default 64)")
+    p.add_argument("--n", type=positive("--n"), default=64, help="number of samples (default 64)")
     labels = p.add_mutually_exclusive_group()
-    labels.add_argument("--class", dest="label", type=_nonneg_int, help="class label of every sample")
+    labels.add_argument("--class", dest="label", type=nonneg_int, help="class label of every sample")
     labels.add_argument("--labels", choices=("random", "cycle"),
                         help="labels of class-conditional samples: random draws each one from the class frequencies "
                         "of the model's training set (as ADM and DiT sample for FID), cycle takes 0, 1, ..., K-1 in "
                         "turn (the default with --guidance-scale); written to arr_1 of an .npz")
-    p.add_argument("--guidance-scale", type=_nonneg_float,
+    p.add_argument("--guidance-scale", type=nonneg_float,
                    help="classifier-free guidance scale w (or the classifier scale with --classifier)")
     p.add_argument("--classifier", type=Path, help="noise-aware classifier checkpoint for classifier guidance")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--batch-size", type=_positive("--batch-size"), default=256, help="samples per batch")
+    p.add_argument("--batch-size", type=positive("--batch-size"), default=256, help="samples per batch")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--data-root", type=Path, help="torchvision dataset folder (read by --labels random)")
     p.add_argument("--out", required=True, type=Path, help="output file, .png or .npz (checked before sampling)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
 
-    for name in ("inpaint", "edit"):
-        if name == "inpaint":
-            p = sub.add_parser("inpaint", help="fill a region of given images (no retraining)",
-                               description="Generate the --mask region of each image of --images so that it agrees "
-                               "with the rest, with a diffusion checkpoint's EMA weights: replacement (Song et al. "
-                               "2021), RePaint's resampling (Lugmayr et al. 2022) or diffusion posterior sampling "
-                               "(Chung et al. 2023). The known pixels are kept exactly.")
-            p.add_argument("--mask", required=True, choices=MASK_NAMES,
-                           help="the region to generate: half of the image, or its central square")
-            p.add_argument("--method", choices=INPAINT_METHOD_NAMES, default="repaint",
-                           help="replace, repaint (the default: jump length 5, 2 passes) or dps")
-            p.add_argument("--steps", type=_positive("--steps"), default=50,
-                           help="noise levels of the ancestral sampler (default 50; RePaint walks some twice)")
-        else:
-            p = sub.add_parser("edit", help="SDEdit: noise given images part of the way and denoise them",
-                               description="SDEdit (Meng et al. 2022): each image of --images is noised to the step "
-                               "ceil(S T) - 1 of --strength S and denoised by the ancestral sampler; small S keeps "
-                               "the input, S = 1 forgets it.")
-            p.add_argument("--strength", required=True,
-                           type=_number(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "--strength"),
-                           help="how far to noise: in (0, 1]")
-            p.add_argument("--steps", type=_positive("--steps"), default=50,
-                           help="reverse steps from the noised image (default 50, at most the steps it is noised by)")
-        p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory (a diffusion model)")
-        p.add_argument("--images", required=True, type=Path,
-                       help=".npz with arr_0 uint8 [N, H, W, C] (the layout `sample` writes), and optionally "
-                       "arr_1 int64 labels")
-        labels = p.add_mutually_exclusive_group()
-        labels.add_argument("--class", dest="label", type=_nonneg_int, help="class label for every image")
-        labels.add_argument("--labels", action="store_true", help="use the labels in arr_1 of --images")
-        p.add_argument("--guidance-scale", type=_nonneg_float,
-                       help="classifier-free guidance scale w (needs --class or --labels)")
-        p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-        p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-        p.add_argument("--out", required=True, type=Path,
-                       help="output file, .png or .npz, in the input's order (checked before any work)")
-        p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
+    add_editing_parsers(sub)
 
     p = sub.add_parser("nll", help="negative log-likelihood in bits/dim on held-out data",
                        description="Negative log-likelihood bound in bits/dim of the EMA model on the first N "
@@ -160,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "terms is computed; with --timesteps K an unbiased estimate from K random timesteps per "
                        "image is reported with its standard error.")
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
-    p.add_argument("--n", type=_positive("--n"), default=100, help="number of held-out images (default 100)")
-    p.add_argument("--timesteps", type=_positive("--timesteps"), help="K sampled timesteps per image")
+    p.add_argument("--n", type=positive("--n"), default=100, help="number of held-out images (default 100)")
+    p.add_argument("--timesteps", type=positive("--timesteps"), help="K sampled timesteps per image")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--data-root", type=Path, help="torchvision dataset folder")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -174,26 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _device(name):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UsageError(f"--device {name}: this machine has no usable CUDA GPU; use --device cpu")
-        if device.index is not None and device.index >= count:
-            raise UsageError(f"--device {name}: this machine has {count} CUDA GPU(s), numbered from 0")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: Apple's MPS backend is not available here; use --device cpu")
-    return device
 
 
 def _check_train_out(out: Path, resume: bool) -> None:
@@ -223,7 +130,7 @@ def cmd_train(args) -> int:
     if args.resume:  # a clear error for a broken or foreign checkpoint before anything is built
         check_config(out, read_checkpoint_header(out)["config"], config.to_dict(), ignore=resume_free_keys(config))
     distributed = setup_distributed()
-    device = _device(args.device) if args.device else None
+    device = torch_device(args.device) if args.device else None
     trainer = Trainer(config, out_dir=out, device=device, progress=False if args.no_progress else None,
                       preset=args.preset, data_root=args.data_root,
                       callbacks=[PreviewPNGWriter(out)] if config.preview_every else [])
@@ -291,7 +198,7 @@ def cmd_sample(args) -> int:
         check_output_path(args.out, overwrite=args.overwrite, name="--out")
     except OSError as exc:
         raise UsageError(f"--out {args.out}: {exc.strerror or exc}") from None
-    device = _device(args.device)
+    device = torch_device(args.device)
     model, config, _ = load_model(args.checkpoint, device=device)
     info = dataset_info(config.dataset)
     if info.kind != "image":
@@ -380,138 +287,16 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _editing_inputs(args):
-    """Model, schedule, images [N, C, H, W], labels and guidance for ``inpaint`` and ``edit``, every check done
-    before any network evaluation; each failure one line."""
-    import numpy as np
-    import torch
-
-    from .cache import load_model
-    from .data import dataset_info
-    from .samplefiles import as_model_images, check_output_path
-    from .schedule import NoiseSchedule
-
-    try:
-        check_output_path(args.out, overwrite=args.overwrite, name="--out")
-    except OSError as exc:
-        raise UsageError(f"--out {args.out}: {exc.strerror or exc}") from None
-    path = args.images
-    if path.suffix.lower() != ".npz":
-        raise UsageError(f"--images must be an .npz file (arr_0 uint8 [N, H, W, C]), got {path}")
-    if not path.is_file():
-        raise UsageError(f"--images: {path} not found")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arr = f["arr_0"]
-            stored = f["arr_1"] if "arr_1" in f.files else None
-    except Exception as exc:
-        raise UsageError(f"--images: {path} is not a readable .npz with arr_0 ({type(exc).__name__})") from None
-    if arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) == 0:
-        raise UsageError(f"--images: arr_0 must be uint8 [N, H, W, C] with N >= 1, got {arr.dtype} {list(arr.shape)}")
-    device = _device(args.device)
-    model, config, _ = load_model(args.checkpoint, device=device)
-    if config.objective == "flow":
-        raise UsageError(f"{args.checkpoint} is a flow (objective 'flow'); {args.command} needs a diffusion model "
-                         "such as mnist-cpu")
-    if config.is_latent:
-        raise UsageError(f"{args.checkpoint} is a latent model; {args.command} works on a pixel model such as "
-                         "mnist-cpu")
-    if dataset_info(config.dataset).kind != "image":
-        raise UsageError(f"{args.checkpoint} is a model of 2-D points; edit points from Python (ddpm.editing)")
-    c, h, w = config.sample_shape
-    if arr.shape[1:] != (h, w, c):
-        raise UsageError(f"--images: the model makes images of {h}x{w} with {c} channel(s) ([N, {h}, {w}, {c}]), "
-                         f"got {list(arr.shape)}")
-    x = as_model_images(arr).to(device)
-    num_classes = config.num_classes
-    if (args.label is not None or args.labels) and num_classes is None:
-        raise UsageError(f"{'--class' if args.label is not None else '--labels'} needs a class-conditional model; "
-                         f"{args.checkpoint} is unconditional")
-    y = None
-    if args.label is not None:
-        if args.label >= num_classes:
-            raise UsageError(f"--class must be in 0..{num_classes - 1}, got {args.label}")
-        y = torch.full((len(x),), args.label, dtype=torch.long, device=device)
-    elif args.labels:
-        if stored is None or stored.shape != (len(x),) or not np.issubdtype(stored.dtype, np.integer):
-            raise UsageError(f"--labels: {path} has no arr_1 with one integer label per image; give --class K")
-        if stored.min() < 0 or stored.max() >= num_classes:
-            raise UsageError(f"--labels: arr_1 must hold classes 0..{num_classes - 1}, got {stored.min()} to "
-                             f"{stored.max()}")
-        y = torch.from_numpy(stored.astype(np.int64)).to(device)
-    guidance = None
-    if args.guidance_scale is not None:
-        if y is None:
-            raise UsageError("--guidance-scale needs the class to guide toward: --class K or --labels")
-        from .guidance import ClassifierFreeGuidance
-
-        guidance = ClassifierFreeGuidance(args.guidance_scale)
-    schedule = NoiseSchedule.from_name(config.schedule, config.T)
-    return model, config, schedule, x, y, guidance, device
-
-
-def _save_edited(args, x, y) -> None:
-    from .samplefiles import save_samples
-
-    try:
-        save_samples(args.out, x, y if args.out.suffix.lower() == ".npz" else None, overwrite=args.overwrite)
-    except OSError as exc:
-        raise UsageError(f"--out {args.out}: cannot write it ({exc.strerror or type(exc).__name__}); the images "
-                         "were not saved") from None
-
-
-def cmd_inpaint(args) -> int:
-    import torch
-
-    from .editing import inpaint, inpaint_nfe, region_mask
-
-    model, config, schedule, x, y, guidance, device = _editing_inputs(args)
-    if args.steps > config.T:
-        raise UsageError(f"--steps must be at most T = {config.T}, got {args.steps}")
-    mask = region_mask(args.mask, x.shape[2], x.shape[3]).to(device)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    out = inpaint(model, schedule, x, mask, method=args.method, steps=args.steps, y=y, guidance=guidance,
-                  var_type=config.resolved_var_type, generator=generator)
-    _save_edited(args, out, y)
-    g = f", guidance scale {guidance.scale}" if guidance is not None else ""
-    print(f"inpainted the {args.mask} of {len(x)} images ({args.method}, {inpaint_nfe(args.method, args.steps)} "
-          f"network evaluations each{g}, seed {args.seed}) to {args.out}")
-    return 0
-
-
-def cmd_edit(args) -> int:
-    import torch
-
-    from .editing import sdedit, sdedit_start
-
-    model, config, schedule, x, y, guidance, device = _editing_inputs(args)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    t0 = sdedit_start(schedule, args.strength)
-    out = sdedit(model, schedule, x, args.strength, steps=args.steps, y=y, guidance=guidance,
-                 var_type=config.resolved_var_type, generator=generator)
-    _save_edited(args, out, y)
-    g = f", guidance scale {guidance.scale}" if guidance is not None else ""
-    print(f"edited {len(x)} images (SDEdit from step {t0} of {config.T}, {min(args.steps, t0 + 1)} ancestral "
-          f"steps{g}, seed {args.seed}) to {args.out}")
-    return 0
-
-
 def cmd_nll(args) -> int:
     import torch
 
-    from .cache import load_model
     from .data import DatasetUnavailable, load_dataset
     from .likelihood import nll_bits_per_dim, nll_estimate
     from .schedule import NoiseSchedule
 
-    device = _device(args.device)
-    model, config, _ = load_model(args.checkpoint, device=device)
-    if config.objective == "flow":
-        raise UsageError(f"{args.checkpoint} is a flow (objective 'flow'): nll computes a diffusion model's "
-                         "variational bound; give it a diffusion checkpoint such as mnist-cpu")
-    if config.is_latent:
-        raise UsageError(f"{args.checkpoint} is a latent model: its bound is in bits per latent value, not per "
-                         "pixel; nll needs a pixel model")
+    model, config, device = load_pixel_diffusion_model(
+        args, flow="nll computes a diffusion model's variational bound; give it a diffusion checkpoint such as "
+        "mnist-cpu", latent="its bound is in bits per latent value, not per pixel; nll needs a pixel model")
     try:
         x, _ = load_dataset(config.dataset, split="test", root=args.data_root, n=args.n)
     except DatasetUnavailable as exc:
@@ -535,20 +320,8 @@ def cmd_nll(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import numpy as np
-
     path = args.samples
-    if path.suffix.lower() != ".npz":
-        raise UsageError(f"--samples must be an .npz file, got {path}")
-    if not path.is_file():
-        raise UsageError(f"--samples: {path} not found; write one with: {PROG} sample ... --out {path}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arr = f["arr_0"]
-    except Exception as exc:
-        raise UsageError(f"--samples: {path} is not a readable .npz with arr_0 ({type(exc).__name__})") from None
-    if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise UsageError(f"--samples: arr_0 must be uint8 [N, H, W, C], got {arr.dtype} {list(arr.shape)}")
+    arr, _ = read_image_file(path, "--samples", f"; write one with: {PROG} sample ... --out {path}")
     from .metrics import IMAGE_SHAPE, evaluate_samples, format_report
 
     channels, height, width = IMAGE_SHAPE

@@ -25,14 +25,12 @@ The book derives each in ``theory/editing.md`` and measures them in ``notebooks/
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
 import torch
 from torch import Tensor
 
 from .losses import p_mean_variance
-from .samplers import (Callback, Guidance, _eps_and_x0, _NO_GUIDANCE, ddim_step, model_output, p_sample_step,
-                       with_progress)
+from .samplers import (Callback, Guidance, _eps_and_x0, _NO_GUIDANCE, ddim_sample, ddpm_sample, model_output,
+                       p_sample_step, with_progress)
 from .schedule import NoiseSchedule, randn_like
 from .spacing import SIGMA_MAX, respaced
 
@@ -218,22 +216,13 @@ def sdedit(model, schedule: NoiseSchedule, x: Tensor, strength: float, *, steps:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     n = min(n, t0 + 1)
     sched = schedule.keep(sorted({round(t0 - k * (t0 + 1) / n) for k in range(n)}))
-    guidance = guidance or _NO_GUIDANCE
     x_t = schedule.q_sample(x, torch.full((x.shape[0],), t0, dtype=torch.long, device=x.device),
                             generator=generator)
-    for i in with_progress(range(sched.T - 1, -1, -1), progress, "SDEdit"):
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        if sampler == "ddpm":
-            out = p_sample_step(model, sched, x_t, t, y=y, guidance=guidance, var_type=var_type,
-                                clip_denoised=clip_denoised, generator=generator)
-            x_next, pred_x0 = out["sample"], out["pred_x0"]
-        else:
-            eps, pred_x0 = _eps_and_x0(model, sched, x_t, i, y, guidance, clip_denoised)
-            x_next = ddim_step(sched, eps, x_t, i, i - 1, eta=eta, generator=generator)
-        if callback is not None:
-            callback(int(sched.timestep_map[i]), x_t, pred_x0)
-        x_t = x_next
-    return x_t
+    common = dict(x_T=x_t, y=y, generator=generator, callback=callback, guidance=guidance,
+                  clip_denoised=clip_denoised, progress=progress, var_type=var_type)
+    if sampler == "ddpm":  # the kept steps are the whole schedule the samplers walk
+        return ddpm_sample(model, sched, **common)
+    return ddim_sample(model, sched, eta=eta, **common)
 
 
 @torch.no_grad()

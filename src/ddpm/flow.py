@@ -19,7 +19,6 @@ that its timestep embedding sees the range of the diffusion models' 0-based step
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
