@@ -34,7 +34,7 @@ def source(cell: dict) -> str:
 def test_the_book_has_its_notebooks():
     names = {p.stem for p in NOTEBOOKS}
     assert {"forward_process", "toy_2d", "training_mnist", "sampling", "solvers", "flow_matching", "improved_ddpm",
-            "guidance", "evaluation", "benchmarks"} <= names, names
+            "guidance", "editing", "evaluation", "benchmarks"} <= names, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

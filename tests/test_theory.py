@@ -24,7 +24,7 @@ CODE_CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(.*?)^```$", re.M | re.S)
 def test_the_book_has_its_theory_chapters():
     names = [p.stem for p in CHAPTERS]
     assert names == ["origins", "ddpm", "improved_ddpm", "faster_sampling", "continuous_time", "flow_matching",
-                     "guided_diffusion", "evaluation", "latent_diffusion"], names
+                     "guided_diffusion", "editing", "evaluation", "latent_diffusion"], names
     assert all(p.is_file() for p in CHAPTERS)
 
 
