@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from .cli_editing import add_editing_parsers, cmd_edit, cmd_inpaint
-from .cliargs import (PROG, Parser, UsageError, load_pixel_diffusion_model, nonneg_float, nonneg_int, positive,
-                      read_image_file, torch_device)
+from .cliargs import (PROG, Parser, UsageError, check_out, load_pixel_diffusion_model, nonneg_float, nonneg_int,
+                      positive, read_image_file, save_out, torch_device)
 
 # the names of ddpm.samplers.SAMPLERS and ddpm.flow.FLOW_METHODS, kept here so that `--help` does not import torch
 # (a test compares them); "heun" names Karras et al.'s for a diffusion model and the flow's for a flow
@@ -190,14 +190,10 @@ def cmd_sample(args) -> int:
 
     from .cache import load_autoencoder, load_model
     from .data import dataset_info
-    from .samplefiles import check_output_path, save_samples
     from .samplers import nfe, sample_in_batches
     from .schedule import NoiseSchedule
 
-    try:  # before the model is loaded, so that a bad place costs nothing and nothing is lost
-        check_output_path(args.out, overwrite=args.overwrite, name="--out")
-    except OSError as exc:
-        raise UsageError(f"--out {args.out}: {exc.strerror or exc}") from None
+    check_out(args)  # before the model is loaded, so that a bad place costs nothing and nothing is lost
     device = torch_device(args.device)
     model, config, _ = load_model(args.checkpoint, device=device)
     info = dataset_info(config.dataset)
@@ -272,11 +268,7 @@ def cmd_sample(args) -> int:
             from .autoencoder import decode_in_batches
 
             x = decode_in_batches(autoencoder, x, args.batch_size)
-    try:
-        save_samples(args.out, x, y if args.out.suffix.lower() == ".npz" else None, overwrite=args.overwrite)
-    except OSError as exc:
-        raise UsageError(f"--out {args.out}: cannot write it ({exc.strerror or type(exc).__name__}); the samples "
-                         "were not saved") from None
+    save_out(args, x, y, "samples")
     steps = flow_nfe(args.sampler, args.steps) if flow else nfe(args.sampler, args.steps, config.T)
     what = (f"class {args.label}" if args.label is not None else
             "labels drawn from the training set's class frequencies" if args.labels == "random" else

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cliargs import (UsageError, load_pixel_diffusion_model, nonneg_float, nonneg_int, number, positive,
-                      read_image_file)
+from .cliargs import (UsageError, check_out, load_pixel_diffusion_model, nonneg_float, nonneg_int, number, positive,
+                      read_image_file, save_out)
 
 # the names of ddpm.editing.INPAINT_METHODS and MASKS, kept here so that `--help` does not import torch (a test
 # compares them)
@@ -66,15 +66,11 @@ def _editing_inputs(args):
     import torch
 
     from .data import dataset_info
-    from .samplefiles import as_model_images, check_output_path
+    from .samplefiles import as_model_images
     from .schedule import NoiseSchedule
 
-    try:
-        check_output_path(args.out, overwrite=args.overwrite, name="--out")
-    except OSError as exc:
-        raise UsageError(f"--out {args.out}: {exc.strerror or exc}") from None
+    check_out(args)
     arr, stored = read_image_file(args.images, "--images")
-    path = args.images
     model, config, device = load_pixel_diffusion_model(
         args, flow=f"{args.command} needs a diffusion model such as mnist-cpu",
         latent=f"{args.command} works on a pixel model such as mnist-cpu")
@@ -96,7 +92,7 @@ def _editing_inputs(args):
         y = torch.full((len(x),), args.label, dtype=torch.long, device=device)
     elif args.labels:
         if stored is None or stored.shape != (len(x),) or not np.issubdtype(stored.dtype, np.integer):
-            raise UsageError(f"--labels: {path} has no arr_1 with one integer label per image; give --class K")
+            raise UsageError(f"--labels: {args.images} has no arr_1 with one integer label per image; give --class K")
         if stored.min() < 0 or stored.max() >= num_classes:
             raise UsageError(f"--labels: arr_1 must hold classes 0..{num_classes - 1}, got {stored.min()} to "
                              f"{stored.max()}")
@@ -114,13 +110,7 @@ def _editing_inputs(args):
 
 def _save_edited(args, x, y, guidance, what: str) -> int:
     """Write the edited images (and their labels to an .npz) and report ``what`` was done in one line."""
-    from .samplefiles import save_samples
-
-    try:
-        save_samples(args.out, x, y if args.out.suffix.lower() == ".npz" else None, overwrite=args.overwrite)
-    except OSError as exc:
-        raise UsageError(f"--out {args.out}: cannot write it ({exc.strerror or type(exc).__name__}); the images "
-                         "were not saved") from None
+    save_out(args, x, y, "images")
     g = f", guidance scale {guidance.scale}" if guidance is not None else ""
     print(f"{what}{g}, seed {args.seed}) to {args.out}")
     return 0

@@ -98,3 +98,26 @@ def load_pixel_diffusion_model(args, flow: str, latent: str):
     if config.is_latent:
         raise UsageError(f"{args.checkpoint} is a latent model: {latent}")
     return model, config, device
+
+
+def check_out(args) -> None:
+    """Refuse an ``--out`` that cannot be written without losing anything, before any work (one line)."""
+    from .samplefiles import check_output_path
+
+    try:
+        check_output_path(args.out, overwrite=args.overwrite, name="--out")
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: {exc.strerror or exc}") from None
+
+
+def save_out(args, images, labels, what: str) -> None:
+    """Write ``images`` (and, to an ``.npz``, their ``labels``) to ``--out``; a failed write is one line saying that
+    the ``what`` were not saved."""
+    from .samplefiles import save_samples
+
+    try:
+        save_samples(args.out, images, labels if args.out.suffix.lower() == ".npz" else None,
+                     overwrite=args.overwrite)
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: cannot write it ({exc.strerror or type(exc).__name__}); the {what} "
+                         "were not saved") from None

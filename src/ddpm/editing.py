@@ -29,10 +29,10 @@ import torch
 from torch import Tensor
 
 from .losses import p_mean_variance
-from .samplers import (Callback, Guidance, _eps_and_x0, _NO_GUIDANCE, ddim_sample, ddpm_sample, model_output,
-                       p_sample_step, with_progress)
+from .samplers import (Callback, Guidance, _eps_and_x0, _NO_GUIDANCE, ancestral_draw, ddim_sample, ddpm_sample,
+                       model_output, p_sample_step, with_progress)
 from .schedule import NoiseSchedule, randn_like
-from .spacing import SIGMA_MAX, respaced
+from .spacing import SIGMA_MAX, respaced, trailing_steps
 
 __all__ = ["INPAINT_METHODS", "inpaint", "inpaint_nfe", "repaint_schedule", "region_mask", "MASKS", "sdedit",
            "sdedit_start", "ddim_invert", "slerp"]
@@ -137,13 +137,10 @@ def _dps_step(model, sched: NoiseSchedule, x: Tensor, t: Tensor, known: Tensor, 
         residual = ((known - out["pred_x0"]) * keep).flatten(1).pow(2).sum(1)  # ||y - A x0_hat||^2 [N]
         grad = torch.autograd.grad(residual.sum(), x_in)[0]
     norm = residual.detach().sqrt().clamp(min=1e-12).reshape(-1, *([1] * (x.ndim - 1)))
-    mean = out["mean"].detach()
+    out = {k: v.detach() for k, v in out.items()}
     cond = guidance.cond_grad(x, sched.timestep_map.to(t.device)[t], y)
-    if cond is not None:
-        mean = mean + out["variance"].detach() * cond
-    nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-    sample = mean + nonzero * (0.5 * out["log_variance"].detach()).exp() * randn_like(x, generator)
-    return {"sample": sample - scale / norm * grad, "pred_x0": out["pred_x0"].detach()}
+    sample = ancestral_draw(out, x, t, cond, generator=generator)
+    return {"sample": sample - scale / norm * grad, "pred_x0": out["pred_x0"]}
 
 
 @torch.no_grad()
@@ -170,8 +167,9 @@ def inpaint(model, schedule: NoiseSchedule, known: Tensor, mask: Tensor, *, meth
     sched = respaced(schedule, steps, "ddpm")
     path = repaint_schedule(sched.T, jump_length, resample) if method == "repaint" else \
         list(range(sched.T - 1, -2, -1))
+    paste = method != "dps"  # DPS lets the gradient pull every pixel; the others hold the known ones on their path
     x = randn_like(known, generator)
-    if method != "dps":  # DPS lets the gradient pull every pixel; the others hold the known ones on their path
+    if paste:
         x = mask * x + keep * _noised(sched, known, sched.T - 1, generator)
     for i, j in with_progress(list(zip(path, path[1:])), progress, f"inpaint ({method})"):
         if j > i:  # RePaint: back up from level i to level j with the forward kernel
@@ -186,7 +184,7 @@ def inpaint(model, schedule: NoiseSchedule, known: Tensor, mask: Tensor, *, meth
                                 clip_denoised=clip_denoised, generator=generator)
         if callback is not None:
             callback(int(sched.timestep_map[i]), x, out["pred_x0"])
-        x = out["sample"] if method == "dps" else mask * out["sample"] + keep * _noised(sched, known, j, generator)
+        x = mask * out["sample"] + keep * _noised(sched, known, j, generator) if paste else out["sample"]
     return mask * x + keep * known
 
 
@@ -214,8 +212,7 @@ def sdedit(model, schedule: NoiseSchedule, x: Tensor, strength: float, *, steps:
     n = t0 + 1 if steps is None else steps
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    n = min(n, t0 + 1)
-    sched = schedule.keep(sorted({round(t0 - k * (t0 + 1) / n) for k in range(n)}))
+    sched = schedule.keep(trailing_steps(t0, n))
     x_t = schedule.q_sample(x, torch.full((x.shape[0],), t0, dtype=torch.long, device=x.device),
                             generator=generator)
     common = dict(x_T=x_t, y=y, generator=generator, callback=callback, guidance=guidance,

@@ -39,7 +39,8 @@ from .spacing import DDIM_SPACINGS, KARRAS_RHO, SIGMA_MAX, SPACINGS, respaced, s
 
 __all__ = ["Guidance", "model_output", "p_sample_step", "ddpm_sample", "ddim_step", "ddim_sample", "heun_sample",
            "dpm_solver_sample", "solver_timesteps", "nfe", "sample", "sample_in_batches", "SAMPLERS", "SPACINGS",
-           "respaced", "DDIM_SPACINGS", "KARRAS_RHO", "SIGMA_MAX", "initial_noise", "with_progress", "in_batches"]
+           "respaced", "DDIM_SPACINGS", "KARRAS_RHO", "SIGMA_MAX", "initial_noise", "with_progress", "in_batches",
+           "ancestral_draw"]
 
 SAMPLERS = ("ddpm", "ddim", "heun", "dpm++2m")
 DEFAULT_STEPS = {"heun": 18, "dpm++2m": 20}  # EDM's 35 NFE; DPM-Solver++'s 20 NFE
@@ -111,14 +112,19 @@ def p_sample_step(model, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, *, y: 
     guidance = guidance or _NO_GUIDANCE
     out = p_mean_variance(schedule, model_output(model, schedule, x_t, t, y, guidance), x_t, t,
                           var_type, clip_denoised)
-    mean = out["mean"]
     grad = guidance.cond_grad(x_t, schedule.timestep_map.to(t.device)[t], y)
-    if grad is not None:
-        mean = mean + out["variance"] * grad
+    return {"sample": ancestral_draw(out, x_t, t, grad, noise, generator), "pred_x0": out["pred_x0"]}
+
+
+def ancestral_draw(out: dict[str, Tensor], x_t: Tensor, t: Tensor, grad: Tensor | None = None,
+                   noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """x_{t-1} from the reverse step ``out`` of ``p_mean_variance``: its mean, shifted by variance * ``grad`` where
+    given (classifier guidance), plus its noise except at t = 0."""
+    mean = out["mean"] if grad is None else out["mean"] + out["variance"] * grad
     if noise is None:
         noise = randn_like(x_t, generator)
     nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-    return {"sample": mean + nonzero * (0.5 * out["log_variance"]).exp() * noise, "pred_x0": out["pred_x0"]}
+    return mean + nonzero * (0.5 * out["log_variance"]).exp() * noise
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .schedule import NoiseSchedule, trailing_timesteps
 
-__all__ = ["DDIM_SPACINGS", "SPACINGS", "KARRAS_RHO", "SIGMA_MAX", "respaced", "solver_timesteps"]
+__all__ = ["DDIM_SPACINGS", "SPACINGS", "KARRAS_RHO", "SIGMA_MAX", "respaced", "solver_timesteps", "trailing_steps"]
 
 DDIM_SPACINGS = ("trailing", "leading")
 SPACINGS = ("uniform", "logsnr", "karras")
@@ -66,12 +66,20 @@ def respaced(schedule: NoiseSchedule, steps: int | str | Sequence[int] | None, s
             top = _top_step(schedule, sigma_max)
             if steps >= top + 1:  # every step up to the cap
                 return schedule if top == schedule.T - 1 else schedule.keep(range(top + 1))
-            return schedule.keep(sorted(round(top - k * (top + 1) / steps) for k in range(steps)))
+            return schedule.keep(trailing_steps(top, steps))
         if steps == schedule.T:
             return schedule
         if sampler == "ddim" and schedule.T % steps == 0:
             return schedule.respace(f"ddim{steps}")
     return schedule.respace(steps)
+
+
+def trailing_steps(top: int, n: int) -> list[int]:
+    """n steps evenly spaced down from ``top``, top - k (top + 1) / n for k = 0 .. n - 1 (rounded), ascending; every
+    step 0..top when n >= top + 1."""
+    if n >= top + 1:
+        return list(range(top + 1))
+    return sorted(round(top - k * (top + 1) / n) for k in range(n))
 
 
 def _top_step(schedule: NoiseSchedule, sigma_max: float | None) -> int:
